@@ -16,7 +16,7 @@ RUNS        ?= runs
 SERVICE_ENV  = eval "$$($(PY) -m zhllama.settings)"
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help setup lock test test-fast services services-down services-status data data-push data-pull vocab clean
+.PHONY: help setup lock test test-fast services services-down services-status data data-push data-pull vocab base chain clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -61,3 +61,14 @@ vocab: ## the vocabulary stage on the default corpus
 
 clean: ## remove run outputs and caches (not the data, not the services' state)
 	rm -rf $(RUNS) .pytest_cache
+
+base: ## the small random-init LLaMA base model of the default run
+	$(PY) -m zhllama.cli base --preset $(PRESET) --out $(RUNS)/base
+
+chain: ## the training chain on the default data: base, vocab, PT, merge, SFT, merge, one generation
+	$(MAKE) base vocab
+	$(PY) -m zhllama.cli pretrain --preset $(PRESET) --base_model $(RUNS)/base --tokenizer $(RUNS)/vocab/tokenizer --train data/corpus/train.txt --out $(RUNS)/pt
+	$(PY) -m zhllama.cli merge --preset $(PRESET) --base_model $(RUNS)/base --adapters $(RUNS)/pt --out $(RUNS)/pt_merged
+	$(PY) -m zhllama.cli sft --preset $(PRESET) --model $(RUNS)/pt_merged --train data/sft/train.json --valid data/sft/valid.json --out $(RUNS)/sft
+	$(PY) -m zhllama.cli merge --preset $(PRESET) --base_model $(RUNS)/pt_merged --adapters $(RUNS)/sft --out $(RUNS)/final
+	$(PY) -m zhllama.cli generate --model $(RUNS)/final --instruction "请用一句话介绍北京。"

@@ -105,3 +105,47 @@ def services(tmp_path_factory) -> Settings:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 256}
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random LLaMA with the resolved base tokenizer (seeded)."""
+    from zhllama.config import BaseModelConfig
+    from zhllama.modeling import create_base_model
+    from zhllama.vocab import resolve_base_tokenizer
+
+    out = tmp_path_factory.mktemp("base") / "base"
+    create_base_model(out, resolve_base_tokenizer(), BaseModelConfig(**TINY))
+    return out
+
+
+def tiny_train_args(**overrides):
+    """Fast settings for the tiny model: short blocks, small batches, a high learning rate."""
+    base = {"max_steps": 6, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "warmup_ratio": 0.0,
+            "logging_steps": 1, "eval_steps": 0, "save_steps": 0, "num_threads": 2}
+    base.update(overrides)
+    return base
+
+
+@pytest.fixture(scope="session")
+def pt_run(tmp_path_factory, tiny_base, vocab_run, small_corpus) -> Path:
+    """A short stage-2 pretraining run of the tiny base with the merged tokenizer."""
+    from zhllama.config import PretrainConfig
+    from zhllama.pretrain import run_pretrain
+
+    out = tmp_path_factory.mktemp("pt") / "pt"
+    cfg = PretrainConfig(**tiny_train_args(block_size=64, max_steps=8))
+    run_pretrain(tiny_base, vocab_run / "tokenizer", [small_corpus["train"]], out, cfg, cache_dir=out.parent / "cache")
+    return out
+
+
+@pytest.fixture(scope="session")
+def pt_merged(tmp_path_factory, tiny_base, pt_run) -> Path:
+    from zhllama.merge import merge_adapters
+
+    out = tmp_path_factory.mktemp("ptm") / "pt_merged"
+    merge_adapters(tiny_base, [pt_run], out)
+    return out

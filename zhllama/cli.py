@@ -15,7 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from zhllama.config import VocabConfig, add_config_arguments, build_config
+from zhllama.config import (
+    BaseModelConfig,
+    MergeConfig,
+    PretrainConfig,
+    SftConfig,
+    VocabConfig,
+    add_config_arguments,
+    build_config,
+)
 from zhllama.io import InputError
 
 log = logging.getLogger("zhllama")
@@ -50,6 +58,62 @@ def cmd_vocab(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_train_summary(metrics: dict[str, Any], out: str) -> None:
+    print(f"steps            {metrics['steps']}  ({metrics['train_seconds']:.1f} s, {metrics['tokens_per_second']:.0f} tokens/s)")
+    print(f"train loss       {metrics['train_loss_first']:.3f} -> {metrics['train_loss_last']:.3f}")
+    if "eval_loss" in metrics:
+        print(f"eval loss        {metrics['eval_loss']:.3f} (perplexity {metrics['eval_perplexity']:.1f})")
+    print(f"padding share    {metrics['padding_share']:.3f}")
+    print(f"outputs          {out}")
+
+
+def cmd_base(args: argparse.Namespace) -> int:
+    from zhllama.modeling import create_base_model
+    from zhllama.vocab import resolve_base_tokenizer
+
+    cfg = build_config(BaseModelConfig, args.preset, _config_overrides(args, BaseModelConfig))
+    info = create_base_model(args.out, resolve_base_tokenizer(args.base_tokenizer), cfg)
+    print(f"base model       {args.out}: {info['parameters'] / 1e6:.1f}M parameters, vocab {info['vocab_size']}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from zhllama.pretrain import run_pretrain
+
+    cfg = build_config(PretrainConfig, args.preset, _config_overrides(args, PretrainConfig))
+    metrics = run_pretrain(args.base_model, args.tokenizer, args.train, args.out, cfg, resume=args.resume)
+    _print_train_summary(metrics, args.out)
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from zhllama.sft import run_sft
+
+    cfg = build_config(SftConfig, args.preset, _config_overrides(args, SftConfig))
+    metrics = run_sft(args.model, args.train, args.valid, args.out, cfg, resume=args.resume)
+    _print_train_summary(metrics, args.out)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from zhllama.merge import merge_adapters
+
+    cfg = build_config(MergeConfig, args.preset, _config_overrides(args, MergeConfig))
+    info = merge_adapters(args.base_model, args.adapters, args.out, args.tokenizer, cfg.low_memory, cfg.max_shard_size)
+    print(f"merged           {info['adapters']} adapter(s) -> {info['out_dir']} (vocab {info['vocab_size']})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from zhllama.generation import GenerationSettings, generate
+    from zhllama.modeling import check_vocab, load_model, load_tokenizer
+
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    check_vocab(model, tokenizer, args.model)
+    print(generate(model, tokenizer, args.instruction, args.input or "", GenerationSettings(max_new_tokens=args.max_new_tokens)))
+    return 0
+
+
 def cmd_services(args: argparse.Namespace) -> int:
     from zhllama import services
 
@@ -73,6 +137,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="preset YAML (configs/*.yaml); flags override it")
     add_config_arguments(p, VocabConfig)
     p.set_defaults(func=cmd_vocab)
+
+    p = sub.add_parser("base", help="write the small random-init LLaMA base model of the embedded default")
+    p.add_argument("--out", default="runs/base")
+    p.add_argument("--base_tokenizer", default=None, help="base SentencePiece model (as for vocab)")
+    p.add_argument("--preset", default=None)
+    add_config_arguments(p, BaseModelConfig)
+    p.set_defaults(func=cmd_base)
+
+    p = sub.add_parser("pretrain", help="continued pretraining: stage 1 (embeddings) or stage 2 (LoRA + embeddings)")
+    p.add_argument("--base_model", default="runs/base", help="Hugging Face LLaMA-family model directory")
+    p.add_argument("--tokenizer", default="runs/vocab/tokenizer", help="merged tokenizer directory (vocab stage)")
+    p.add_argument("--train", nargs="+", default=["data/corpus/train.txt"], help="plain-text corpus files")
+    p.add_argument("--out", default="runs/pt")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --out")
+    p.add_argument("--preset", default=None)
+    add_config_arguments(p, PretrainConfig)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("merge", help="merge LoRA adapters (in order) into the base weights")
+    p.add_argument("--base_model", required=True)
+    p.add_argument("--adapters", nargs="+", required=True, help="adapter or run directories, applied in this order")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the last adapter run's)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", default=None)
+    add_config_arguments(p, MergeConfig)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("sft", help="instruction tuning (LoRA) on alpaca-format JSON/JSONL")
+    p.add_argument("--model", default="runs/pt_merged", help="the PT-merged model directory")
+    p.add_argument("--train", default="data/sft/train.json")
+    p.add_argument("--valid", default="data/sft/valid.json")
+    p.add_argument("--out", default="runs/sft")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--preset", default=None)
+    add_config_arguments(p, SftConfig)
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("generate", help="answer an alpaca prompt with the recipe's generation settings")
+    p.add_argument("--model", required=True)
+    p.add_argument("--instruction", required=True)
+    p.add_argument("--input", default="")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("services", help="start/stop/check the local object store and MLflow server")
     p.add_argument("action", choices=["up", "down", "status"])

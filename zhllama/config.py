@@ -126,7 +126,13 @@ def build_config(cls: type[T], preset: str | Path | None = None, overrides: dict
     return cls(**values)
 
 
-PRESET_SECTIONS = {"VocabConfig": "vocab"}
+PRESET_SECTIONS = {
+    "VocabConfig": "vocab",
+    "BaseModelConfig": "base",
+    "PretrainConfig": "pretrain",
+    "SftConfig": "sft",
+    "MergeConfig": "merge",
+}
 
 
 def load_preset(path: str | Path, cls: type) -> dict[str, Any]:
@@ -147,3 +153,117 @@ def load_preset(path: str | Path, cls: type) -> dict[str, Any]:
     if not isinstance(section, dict):
         raise InputError(f"{path}: section {PRESET_SECTIONS[cls.__name__]!r} must be a mapping")
     return section
+
+
+@dataclasses.dataclass
+class BaseModelConfig:
+    """The embedded default base: a small random-init LLaMA, so the pipeline runs offline on 2 cores."""
+
+    hidden_size: int = doc("Hidden size (the target benchmark model: 256).", default=256)
+    intermediate_size: int = doc("MLP size.", default=688)
+    num_hidden_layers: int = doc("Decoder layers.", default=4)
+    num_attention_heads: int = doc("Attention heads.", default=4)
+    max_position_embeddings: int = doc("Longest sequence.", default=1024)
+    tie_word_embeddings: bool = doc("LLaMA unties them.", default=False)
+    seed: int = doc("Init seed.", default=42)
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"BaseModelConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("BaseModelConfig.hidden_size must be a multiple of num_attention_heads")
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_MODULES_TO_SAVE = ["embed_tokens", "lm_head"]
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    """Optimisation and LoRA settings shared by pretraining and SFT (the recipe's run_*.sh flags)."""
+
+    learning_rate: float = doc("Peak learning rate (recipe: 2e-4 PT, 1e-4 SFT).", default=2e-4)
+    weight_decay: float = doc("AdamW weight decay.", default=0.01)
+    warmup_ratio: float = doc("Share of steps with linear warm-up before the cosine decay.", default=0.05)
+    max_grad_norm: float = doc("Gradient clipping norm; 0 = off.", default=1.0)
+    per_device_train_batch_size: int = doc("Sequences per device per micro-batch.", default=4)
+    per_device_eval_batch_size: int = doc("Sequences per device per eval batch.", default=8)
+    gradient_accumulation_steps: int = doc("Micro-batches per optimizer step.", default=1)
+    max_steps: int = doc("Optimizer steps; 0 = run num_train_epochs.", default=100)
+    num_train_epochs: float = doc("Epochs, when max_steps is 0.", default=1.0)
+    seed: int = doc("Seed for init, data order and dropout.", default=42)
+    logging_steps: int = doc("Log the loss every N steps.", default=10)
+    eval_steps: int = doc("Evaluate every N steps (and at the end); 0 = only at the end.", default=50)
+    save_steps: int = doc("Checkpoint every N steps; 0 = never.", default=50)
+    save_total_limit: int = doc("Checkpoints kept (oldest deleted).", default=2)
+    precision: str = doc("fp32 (CPU), bf16 (GPU, preferred: no fp16 overflow NaN) or fp16 (GPU, loss scaling).", default="fp32")
+    gradient_checkpointing: bool = doc("Recompute activations to save memory (GPU, long blocks); slower, off on CPU.", default=False)
+    num_threads: int = doc("CPU threads for torch; 0 = all cores.", default=0)
+    lora_rank: int = doc("LoRA rank r.", default=8)
+    lora_alpha: float = doc("LoRA alpha (scaling alpha/r).", default=32.0)
+    lora_dropout: float = doc("LoRA dropout.", default=0.05)
+    lora_target_modules: list[str] = doc("Modules that get LoRA adapters.", default_factory=lambda: list(LORA_TARGETS))
+    modules_to_save: list[str] = doc("Modules trained in full and saved with the adapter.", default_factory=lambda: list(LORA_MODULES_TO_SAVE))
+
+    def __post_init__(self) -> None:
+        _positive(self, "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
+                  "gradient_accumulation_steps", "lora_rank", "lora_alpha", "logging_steps")
+        for name in ("weight_decay", "max_grad_norm", "max_steps", "eval_steps", "save_steps", "num_threads", "save_total_limit"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{type(self).__name__}.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps == 0 and self.num_train_epochs <= 0:
+            raise ValueError(f"{type(self).__name__}: set max_steps > 0 or num_train_epochs > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"{type(self).__name__}.warmup_ratio must be in [0, 1)")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"{type(self).__name__}.lora_dropout must be in [0, 1)")
+        if self.precision not in {"fp32", "bf16", "fp16"}:
+            raise ValueError(f"{type(self).__name__}.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if not self.lora_target_modules:
+            raise ValueError(f"{type(self).__name__}.lora_target_modules must name at least one module")
+
+
+@dataclasses.dataclass
+class PretrainConfig(TrainArgs):
+    """Continued pretraining on plain Chinese text (run_clm_pt_with_peft.py)."""
+
+    stage: int = doc("1: train only the embeddings (all else frozen); 2: LoRA + full embed_tokens/lm_head.", default=2)
+    block_size: int = doc("Tokens per training block (texts are concatenated and cut into blocks).", default=512)
+    validation_split_percentage: float = doc("Percent of blocks held out for evaluation.", default=1.0)
+    init_new_embeddings: str = doc("New rows: mean_of_pieces (mean of the base pieces the token splits into) or default.", default="mean_of_pieces")
+    max_eval_blocks: int = doc("Cap on evaluation blocks (0 = all).", default=64)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.stage not in (1, 2):
+            raise ValueError(f"PretrainConfig.stage must be 1 or 2, got {self.stage}")
+        _positive(self, "block_size")
+        if not 0 <= self.validation_split_percentage < 50:
+            raise ValueError("PretrainConfig.validation_split_percentage must be in [0, 50)")
+        if self.init_new_embeddings not in {"mean_of_pieces", "default"}:
+            raise ValueError("PretrainConfig.init_new_embeddings must be mean_of_pieces or default")
+
+
+@dataclasses.dataclass
+class SftConfig(TrainArgs):
+    """Instruction tuning on alpaca-format data (run_clm_sft_with_peft.py)."""
+
+    learning_rate: float = doc("Peak learning rate (recipe SFT: 1e-4).", default=1e-4)
+    weight_decay: float = doc("AdamW weight decay (recipe SFT: 0).", default=0.0)
+    warmup_ratio: float = doc("Warm-up share (recipe SFT: 0.03).", default=0.03)
+    max_seq_length: int = doc("Prompt + response tokens; longer examples are truncated.", default=512)
+    group_by_length: bool = doc("Batch examples of similar length, so little compute goes to padding.", default=True)
+    max_eval_examples: int = doc("Cap on validation examples per evaluation (0 = all).", default=200)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "max_seq_length")
+
+
+@dataclasses.dataclass
+class MergeConfig:
+    """Merge LoRA adapters into the base weights."""
+
+    low_memory: bool = doc("Merge one safetensors shard at a time (peak ~ largest shard + adapter, not 2x the model).", default=False)
+    max_shard_size: str = doc("Shard size of the written model.", default="2GB")

@@ -1,0 +1,36 @@
+"""Data-parallel training: `torchrun --nproc_per_node 2` (gloo on CPU) follows the same
+loss trajectory as one process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _pretrain(cmd_prefix: list[str], out: Path, per_device: int, tiny_base: Path, vocab_run: Path, corpus: Path, cache: Path) -> list[float]:
+    args = [
+        "pretrain", "--base_model", str(tiny_base), "--tokenizer", str(vocab_run / "tokenizer"), "--train", str(corpus),
+        "--out", str(out), "--block_size", "64", "--max_steps", "5", "--per_device_train_batch_size", str(per_device),
+        "--learning_rate", "1e-3", "--warmup_ratio", "0", "--lora_dropout", "0", "--logging_steps", "1",
+        "--eval_steps", "0", "--save_steps", "0", "--num_threads", "1", "--validation_split_percentage", "0",
+    ]
+    env = {**os.environ, "ZHLLAMA_CACHE_DIR": str(cache)}
+    result = subprocess.run([*cmd_prefix, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [h["loss"] for h in json.loads((out / "train_log.json").read_text()) if "loss" in h]
+
+
+def test_two_processes_match_one(tmp_path: Path, tiny_base: Path, vocab_run: Path, small_corpus) -> None:
+    bin_dir = Path(sys.executable).parent
+    single = _pretrain([sys.executable, "-m", "zhllama.cli"], tmp_path / "one", 4, tiny_base, vocab_run, small_corpus["train"], tmp_path / "c")
+    torchrun = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "zhllama.cli"]
+    double = _pretrain(torchrun, tmp_path / "two", 2, tiny_base, vocab_run, small_corpus["train"], tmp_path / "c")
+    assert len(single) == len(double) == 5
+    assert double == pytest.approx(single, abs=1e-4), f"1 process {single} vs 2 processes {double}"
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2

@@ -1,0 +1,99 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_train_args
+from zhllama.config import SftConfig
+from zhllama.io import InputError
+from zhllama.merge import merge_adapters
+from zhllama.modeling import load_model, load_tokenizer
+from zhllama.prompts import build_prompt
+from zhllama.sft import SftSource, read_alpaca, run_sft, tokenize_example
+from zhllama.training import IGNORE_INDEX
+from zhllama.vocab import add_pad_token
+
+
+def test_prompt_template_joins_input_with_newline() -> None:
+    prompt = build_prompt("判断情感", "很好用")
+    assert prompt.endswith("### Instruction:\n判断情感\n很好用\n\n### Response: ")
+    assert build_prompt("你好") .count("\n\n### Response: ") == 1
+
+
+def test_labels_masked_exactly_over_the_prompt(pt_merged: Path) -> None:
+    tok = load_tokenizer(pt_merged)
+    record = {"instruction": "判断下面这条评论的情感倾向", "input": "质量很好", "output": "正面"}
+    ids, labels = tokenize_example(tok, record, 512)
+    prompt_ids = tok(build_prompt(record["instruction"], record["input"]))["input_ids"]
+    target_ids = tok("正面", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ids == prompt_ids + target_ids
+    assert labels == [IGNORE_INDEX] * len(prompt_ids) + target_ids
+    short_ids, short_labels = tokenize_example(tok, record, len(prompt_ids) + 1)
+    assert len(short_ids) == len(prompt_ids) + 1 and short_labels[-1] == target_ids[0]
+
+
+def test_collator_pads_with_pad_and_minus_100(pt_merged: Path) -> None:
+    tok = load_tokenizer(pt_merged)
+    pad = add_pad_token(tok)
+    assert pad not in {tok.eos_token_id, tok.unk_token_id}
+    source = SftSource([([1, 5, 6], [IGNORE_INDEX, 5, 6]), ([1, 7], [IGNORE_INDEX, 7])], pad)
+    batch = source.collate([0, 1])
+    assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 7, pad]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 5, 6], [IGNORE_INDEX, 7, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+BAD_FILES = [
+    ("malformed-jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', r"bad\.jsonl:2: malformed JSON line"),
+    ("malformed-json", '[\n{"instruction": "a", "output": "b"},\n{"instruction": }\n]', r"bad\.jsonl:3: malformed JSON"),
+    ("missing-output", '{"instruction": "a", "input": "b"}\n', r"bad\.jsonl:1: missing field 'output'"),
+    ("non-string", '{"instruction": "a", "output": 5}\n', r"field 'output' must be a string"),
+    ("wrong-shape", '{"data": []}', r"missing field 'instruction'"),
+    ("not-an-object", '["just", "strings"]', r"record 0: expected an object"),
+    ("empty", "  \n", r"instruction file is empty"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), [b[1:] for b in BAD_FILES], ids=[b[0] for b in BAD_FILES])
+def test_bad_instruction_files(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(InputError, match=message):
+        read_alpaca(path)
+
+
+def test_sft_loss_falls_and_pad_is_added(tmp_path: Path, pt_merged: Path, default_data: Path) -> None:
+    train = tmp_path / "train.json"
+    records = json.loads((default_data / "sft" / "train.json").read_text(encoding="utf-8"))[:400]
+    train.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    cfg = SftConfig(**tiny_train_args(max_steps=30, per_device_train_batch_size=8, learning_rate=3e-3, max_seq_length=128,
+                                      eval_steps=15, max_eval_examples=16))
+    metrics = run_sft(pt_merged, train, default_data / "sft" / "valid.json", tmp_path / "sft", cfg)
+    losses = [h["loss"] for h in json.loads((tmp_path / "sft" / "train_log.json").read_text()) if "loss" in h]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert "eval_loss" in metrics and metrics["padding_share"] < 0.25
+    tok = load_tokenizer(tmp_path / "sft" / "tokenizer")
+    assert len(tok) == len(load_tokenizer(pt_merged)) + 1 and tok.pad_token == "[PAD]"
+    merge_adapters(pt_merged, [tmp_path / "sft"], tmp_path / "final")
+    final = load_model(tmp_path / "final")
+    assert final.config.vocab_size == len(tok) == len(load_tokenizer(tmp_path / "final"))
+    assert final.config.pad_token_id == tok.pad_token_id
+
+
+def test_length_grouping_cuts_padding(pt_merged: Path, default_data: Path) -> None:
+    from zhllama.training import batch_order
+
+    tok = load_tokenizer(pt_merged)
+    add_pad_token(tok)
+    records = read_alpaca(default_data / "sft" / "valid.json")
+    source = SftSource([tokenize_example(tok, r, 256) for r in records], tok.pad_token_id)
+
+    def padding(grouped: bool) -> float:
+        real = total = 0
+        for batch in batch_order(source, 8, 0, 0, grouped):
+            lengths = [source.lengths()[i] for i in batch]
+            real, total = real + sum(lengths), total + max(lengths) * len(lengths)
+        return 1 - real / total
+
+    assert padding(True) < 0.5 * padding(False)

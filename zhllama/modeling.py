@@ -1,0 +1,165 @@
+"""Models: the tiny default base, loading with vocabulary checks, and embedding resizing
+with new rows initialised from the base pieces each new token's text splits into."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zhllama.config import BaseModelConfig
+from zhllama.io import InputError, atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def create_base_model(out_dir: str | os.PathLike[str], tokenizer_model: str | os.PathLike[str], cfg: BaseModelConfig) -> dict[str, Any]:
+    """Write a random-init ``LlamaForCausalLM`` (safetensors) with the base tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from zhllama.vocab import load_sp_proto, write_hf_tokenizer
+
+    proto = load_sp_proto(tokenizer_model, "base tokenizer")
+    spec = proto.trainer_spec
+    config = LlamaConfig(
+        vocab_size=len(proto.pieces),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=spec.bos_id,
+        eos_token_id=spec.eos_id,
+        pad_token_id=None,
+    )
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        write_hf_tokenizer(tokenizer_model, tmp)
+        write_json(tmp / "zhllama_base.json", {"config": dataclasses.asdict(cfg), "parameters": n_params, "tokenizer": str(tokenizer_model)})
+    log.info("base model: %.1fM parameters, vocab %d -> %s", n_params / 1e6, config.vocab_size, out_dir)
+    return {"parameters": n_params, "vocab_size": config.vocab_size}
+
+
+def check_model_dir(path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: model directory not found")
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path}: no config.json: not a Hugging Face model directory")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise InputError(f"{path}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
+    return path
+
+
+def load_tokenizer(path: str | os.PathLike[str]):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
+        raise InputError(f"{path}: no tokenizer (tokenizer.json or tokenizer.model)")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_model(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    path = check_model_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError, RuntimeError) as err:
+        raise InputError(f"{path}: cannot load the model: {err}") from None
+    return model
+
+
+def vocab_rows(model) -> tuple[int, int]:
+    return model.get_input_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0]
+
+
+def check_vocab(model, tokenizer, where: str, allow_grow: bool = False) -> None:
+    """Tokenizer, embeddings, lm_head and config.vocab_size must agree. ``allow_grow``: the
+    tokenizer may be larger (the caller is about to resize); it may never be smaller,
+    and may never name ids the model lacks."""
+    rows_in, rows_out = vocab_rows(model)
+    n = len(tokenizer)
+    if rows_in != rows_out or model.config.vocab_size != rows_in:
+        raise InputError(
+            f"{where}: inconsistent model: embed_tokens has {rows_in} rows, lm_head {rows_out}, config.vocab_size {model.config.vocab_size}"
+        )
+    if n == rows_in:
+        return
+    if n > rows_in and allow_grow:
+        return
+    raise InputError(
+        f"{where}: tokenizer has {n} tokens but the model's embeddings have {rows_in} rows; "
+        "use the tokenizer the model was trained with (or the merged tokenizer of the vocab stage, for pretraining)"
+    )
+
+
+def _base_piece_ids(base_tokenizer, piece: str) -> list[int]:
+    """Ids of the base pieces that ``piece`` (SentencePiece text, with ▁) splits into."""
+    model = base_tokenizer.backend_tokenizer.model
+    return [token.id for token in model.tokenize(piece)]
+
+
+def resize_embeddings(model, tokenizer, base_tokenizer=None, init: str = "mean_of_pieces") -> dict[str, int]:
+    """Resize embed_tokens and lm_head to ``len(tokenizer)``. New rows: with
+    ``mean_of_pieces``, the mean of the base rows of the pieces the base tokenizer splits the
+    new token's text into (falling back to the mean of all old rows when it splits into none);
+    with ``default``, the library's own init. Old rows are untouched."""
+    old, _ = vocab_rows(model)
+    new = len(tokenizer)
+    if new == old:
+        return {"old": old, "new": new, "initialised_from_pieces": 0}
+    if new < old:
+        raise InputError(f"tokenizer has {new} tokens, fewer than the model's {old} rows: wrong tokenizer?")
+    if init not in {"mean_of_pieces", "default"}:
+        raise ValueError(f"init must be 'mean_of_pieces' or 'default', got {init!r}")
+    model.resize_token_embeddings(new, mean_resizing=False)
+    from_pieces = 0
+    if init == "mean_of_pieces":
+        inp = model.get_input_embeddings().weight.data
+        out = model.get_output_embeddings().weight.data
+        mean_in, mean_out = inp[:old].mean(0), out[:old].mean(0)
+        with torch.no_grad():
+            for token_id in range(old, new):
+                piece = tokenizer.convert_ids_to_tokens(token_id)
+                ids = [i for i in _base_piece_ids(base_tokenizer, piece) if i < old] if base_tokenizer is not None else []
+                if ids:
+                    inp[token_id] = inp[ids].mean(0)
+                    out[token_id] = out[ids].mean(0)
+                    from_pieces += 1
+                else:
+                    inp[token_id] = mean_in
+                    out[token_id] = mean_out
+    model.config.vocab_size = new
+    log.info("resized embeddings %d -> %d (%d new rows from base pieces)", old, new, from_pieces)
+    return {"old": old, "new": new, "initialised_from_pieces": from_pieces}
+
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike[str], extra: dict[str, Any] | None = None, max_shard_size: str = "2GB") -> None:
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(str(tmp))
+        _copy_sp_model(tokenizer, tmp)
+        if extra:
+            write_json(tmp / "zhllama_model.json", extra)
+
+
+def _copy_sp_model(tokenizer, out_dir: Path) -> None:
+    """transformers 5 omits tokenizer.model on save; keep the SentencePiece form beside tokenizer.json."""
+    import shutil
+
+    source = Path(getattr(tokenizer, "name_or_path", "")) / "tokenizer.model"
+    if source.is_file() and not (out_dir / "tokenizer.model").exists():
+        shutil.copyfile(source, out_dir / "tokenizer.model")

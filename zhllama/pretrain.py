@@ -1,0 +1,206 @@
+"""Continued pretraining with the merged vocabulary (run_clm_pt_with_peft.py, made resumable
+and exact). Stage 1 trains only the embeddings; stage 2 trains LoRA plus full
+embed_tokens/lm_head (``modules_to_save``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from zhllama import modeling
+from zhllama.config import PretrainConfig, TrainArgs
+from zhllama.data import iter_corpus_lines
+from zhllama.io import InputError, atomic_dir, sha256_file, write_json
+from zhllama.training import Dist, init_distributed, train
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+STAGE1_MODEL_DIR = "model"
+TOKENIZER_DIR = "tokenizer"
+CACHE_VERSION = "blocks-v1"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ZHLLAMA_CACHE_DIR", Path.home() / ".cache" / "zhllama"))
+
+
+class BlockSource:
+    """Fixed-length blocks of token ids; every token is a target."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def lengths(self) -> list[int]:
+        return [self.blocks.shape[1]] * len(self)
+
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        ids = self.blocks[list(indices)]
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def tokenizer_fingerprint(tokenizer_dir: str | os.PathLike[str]) -> str:
+    files = sorted(p for p in Path(tokenizer_dir).iterdir() if p.name in {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"})
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def group_texts(token_lists: Sequence[Sequence[int]], block_size: int) -> torch.Tensor:
+    """Concatenate all documents and cut into ``block_size`` blocks; the tail is dropped."""
+    flat = [t for ids in token_lists for t in ids]
+    n = len(flat) // block_size
+    if n == 0:
+        raise InputError(f"the corpus gives {len(flat)} tokens, fewer than one block of {block_size}: add text or lower block_size")
+    return torch.tensor(flat[: n * block_size], dtype=torch.int64).view(n, block_size)
+
+
+def load_blocks(files: Sequence[str | os.PathLike[str]], tokenizer, tokenizer_dir, block_size: int, cache_dir: Path | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Tokenized, grouped blocks, cached on disk under a key of the tokenizer's and the
+    files' *contents* and the block size (never their names: a renamed or edited file is
+    handled correctly)."""
+    cache_dir = cache_dir or default_cache_dir()
+    key = hashlib.sha256(
+        "|".join([CACHE_VERSION, tokenizer_fingerprint(tokenizer_dir), str(block_size), *(sha256_file(f) for f in files)]).encode()
+    ).hexdigest()[:32]
+    path = cache_dir / "blocks" / f"{key}.safetensors"
+    if path.is_file():
+        log.info("tokenized blocks from cache %s", path)
+        return load_file(str(path))["blocks"], {"cache": "hit", "cache_key": key}
+    lines = [line for f in files for line in iter_corpus_lines(f)]
+    if not lines:
+        raise InputError(f"{', '.join(map(str, files))}: corpus is empty")
+    log.info("tokenizing %d documents (block size %d)", len(lines), block_size)
+    encoded = tokenizer(lines, add_special_tokens=False)["input_ids"]
+    docs = [[tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] for ids in encoded]
+    blocks = group_texts(docs, block_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    save_file({"blocks": blocks}, str(tmp))
+    os.replace(tmp, path)
+    return blocks, {"cache": "miss", "cache_key": key}
+
+
+def split_blocks(blocks: torch.Tensor, percent: float, seed: int, max_eval: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(blocks.shape[0], generator=gen)
+    n_eval = int(blocks.shape[0] * percent / 100)
+    if percent > 0:
+        n_eval = max(1, n_eval)
+    if max_eval:
+        n_eval = min(n_eval, max_eval)
+    if n_eval >= blocks.shape[0]:
+        raise InputError(f"{blocks.shape[0]} blocks cannot spare {n_eval} for evaluation: add text or lower validation_split_percentage")
+    return blocks[perm[n_eval:]], blocks[perm[:n_eval]]
+
+
+def lora_config(cfg: TrainArgs):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules),
+        modules_to_save=list(cfg.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+
+
+def apply_lora(model, cfg: TrainArgs):
+    from peft import get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = sorted(set(cfg.lora_target_modules) - present)
+    if missing:
+        raise InputError(f"lora_target_modules {missing} are not modules of this model (it has e.g. {sorted(present)[:12]})")
+    return get_peft_model(model, lora_config(cfg))
+
+
+def freeze_all_but_embeddings(model) -> list[str]:
+    """Stage 1: only embed_tokens (and lm_head when untied) train."""
+    trainable = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    names = []
+    for name, param in model.named_parameters():
+        param.requires_grad = id(param) in trainable
+        if param.requires_grad:
+            names.append(name)
+    return names
+
+
+def prepare_model(base_model_dir, tokenizer_dir, cfg: PretrainConfig):
+    """Load base + merged tokenizer, check they fit, resize with the chosen init."""
+    model = modeling.load_model(base_model_dir)
+    tokenizer = modeling.load_tokenizer(tokenizer_dir)
+    base_tokenizer = modeling.load_tokenizer(base_model_dir)
+    modeling.check_vocab(model, base_tokenizer, f"{base_model_dir}")
+    modeling.check_vocab(model, tokenizer, f"{tokenizer_dir} vs {base_model_dir}", allow_grow=True)
+    info = modeling.resize_embeddings(model, tokenizer, base_tokenizer, init=cfg.init_new_embeddings)
+    return model, tokenizer, info
+
+
+def run_pretrain(
+    base_model_dir: str | os.PathLike[str],
+    tokenizer_dir: str | os.PathLike[str],
+    train_files: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    cfg: PretrainConfig,
+    resume: bool = False,
+    cache_dir: Path | None = None,
+    stop_after_steps: int | None = None,
+    world: Dist | None = None,
+) -> dict[str, Any]:
+    """Pretrain; writes ``adapter/`` (stage 2) or ``model/`` (stage 1), ``tokenizer/``,
+    ``train_log.json`` and ``metrics.json`` (last, so its presence means the run finished)."""
+    world = world or init_distributed()
+    out_dir = Path(out_dir)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, resize_info = prepare_model(base_model_dir, tokenizer_dir, cfg)
+    blocks, cache_info = load_blocks(train_files, tokenizer, tokenizer_dir, cfg.block_size, cache_dir)
+    train_blocks, eval_blocks = split_blocks(blocks, cfg.validation_split_percentage, cfg.seed, cfg.max_eval_blocks)
+    log.info("pretraining stage %d: %d train blocks, %d eval blocks of %d tokens", cfg.stage, len(train_blocks), len(eval_blocks), cfg.block_size)
+    if cfg.stage == 1:
+        freeze_all_but_embeddings(model)
+    else:
+        model = apply_lora(model, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = train(
+        model, BlockSource(train_blocks), BlockSource(eval_blocks) if len(eval_blocks) else None, cfg, out_dir,
+        resume=resume, world=world, stop_after_steps=stop_after_steps,
+    )
+    metrics = {
+        **result.metrics,
+        "stage": cfg.stage,
+        "config": dataclasses.asdict(cfg),
+        "resize": resize_info,
+        "data": {"train_blocks": len(train_blocks), "eval_blocks": len(eval_blocks), **cache_info},
+        "base_model": str(base_model_dir),
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer_dir),
+    }
+    if world.is_main and result.steps >= result.metrics["total_steps"]:
+        if cfg.stage == 1:
+            modeling.save_model(model, tokenizer, out_dir / STAGE1_MODEL_DIR, extra={"stage": 1})
+        else:
+            with atomic_dir(out_dir / ADAPTER_DIR) as tmp:
+                model.save_pretrained(str(tmp))
+        with atomic_dir(out_dir / TOKENIZER_DIR) as tmp:
+            for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+                if (Path(tokenizer_dir) / name).is_file():
+                    shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+        write_json(out_dir / "train_log.json", result.log_history)
+        write_json(out_dir / "metrics.json", metrics)
+    return metrics

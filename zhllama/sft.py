@@ -1,0 +1,165 @@
+"""Instruction tuning on alpaca-format data (run_clm_sft_with_peft.py): prompt tokens are
+masked out of the loss, a distinct ``[PAD]`` is added, batches are grouped by length."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zhllama import modeling
+from zhllama.config import SftConfig
+from zhllama.io import InputError, atomic_dir, write_json
+from zhllama.pretrain import ADAPTER_DIR, TOKENIZER_DIR, apply_lora
+from zhllama.prompts import build_prompt
+from zhllama.training import IGNORE_INDEX, Dist, init_distributed, train
+from zhllama.vocab import add_pad_token
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("instruction", "input", "output")
+
+
+def _check_record(record: Any, where: str) -> dict[str, str]:
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected an object with {', '.join(FIELDS)}, got {type(record).__name__}")
+    for field in ("instruction", "output"):
+        if field not in record:
+            raise InputError(f"{where}: missing field {field!r}")
+    for field in FIELDS:
+        if field in record and record[field] is not None and not isinstance(record[field], str):
+            raise InputError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
+    return {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
+
+
+def read_alpaca(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """Read alpaca-format JSON (a list of objects) or JSONL (one object per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: instruction file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from None
+    stripped = text.lstrip()
+    if not stripped:
+        raise InputError(f"{path}: instruction file is empty")
+    records: list[dict[str, str]] = []
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
+        for i, record in enumerate(data):
+            records.append(_check_record(record, f"{path}: record {i}"))
+    else:
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}:{lineno}: malformed JSON line ({err.msg}, column {err.colno})") from None
+            records.append(_check_record(record, f"{path}:{lineno}"))
+    if not records:
+        raise InputError(f"{path}: no instruction records")
+    return records
+
+
+def tokenize_example(tokenizer, record: dict[str, str], max_seq_length: int) -> tuple[list[int], list[int]]:
+    """input_ids = bos + prompt + output + eos, truncated; labels -100 over bos + prompt."""
+    source = tokenizer(build_prompt(record["instruction"], record["input"]), add_special_tokens=True)["input_ids"]
+    target = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (source + target)[:max_seq_length]
+    labels = ([IGNORE_INDEX] * len(source) + target)[:max_seq_length]
+    return ids, labels
+
+
+class SftSource:
+    def __init__(self, examples: list[tuple[list[int], list[int]]], pad_id: int) -> None:
+        self.examples = examples
+        self.pad_id = pad_id
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids, _ in self.examples]
+
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Pad input_ids with the pad id, labels with -100, attention_mask 0 over padding."""
+        batch = [self.examples[i] for i in indices]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.int64)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.int64)
+        mask = torch.zeros((len(batch), width), dtype=torch.int64)
+        for row, (ids, lab) in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, : len(lab)] = torch.tensor(lab)
+            mask[row, : len(ids)] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def build_source(path, tokenizer, max_seq_length: int, limit: int = 0) -> SftSource:
+    records = read_alpaca(path)
+    if limit:
+        records = records[:limit]
+    examples = [tokenize_example(tokenizer, r, max_seq_length) for r in records]
+    examples = [e for e in examples if any(lab != IGNORE_INDEX for lab in e[1])]  # prompt filled max_seq_length
+    if not examples:
+        raise InputError(f"{path}: every example's prompt is longer than max_seq_length={max_seq_length}")
+    return SftSource(examples, tokenizer.pad_token_id)
+
+
+def prepare_model(model_dir, cfg: SftConfig):
+    model = modeling.load_model(model_dir)
+    tokenizer = modeling.load_tokenizer(model_dir)
+    modeling.check_vocab(model, tokenizer, str(model_dir))
+    pad_id = add_pad_token(tokenizer)
+    info = modeling.resize_embeddings(model, tokenizer, None, init="mean_of_pieces")  # [PAD]: mean of all rows
+    model.config.pad_token_id = pad_id
+    return model, tokenizer, info
+
+
+def run_sft(
+    model_dir: str | os.PathLike[str],
+    train_file: str | os.PathLike[str],
+    valid_file: str | os.PathLike[str] | None,
+    out_dir: str | os.PathLike[str],
+    cfg: SftConfig,
+    resume: bool = False,
+    stop_after_steps: int | None = None,
+    world: Dist | None = None,
+) -> dict[str, Any]:
+    """SFT with LoRA from the PT-merged model; writes ``adapter/``, ``tokenizer/`` (with
+    ``[PAD]``), ``train_log.json`` and ``metrics.json``."""
+    world = world or init_distributed()
+    out_dir = Path(out_dir)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, resize_info = prepare_model(model_dir, cfg)
+    train_source = build_source(train_file, tokenizer, cfg.max_seq_length)
+    eval_source = build_source(valid_file, tokenizer, cfg.max_seq_length, cfg.max_eval_examples) if valid_file else None
+    log.info("SFT: %d train examples, %d eval examples, pad id %d", len(train_source), len(eval_source) if eval_source else 0, tokenizer.pad_token_id)
+    model = apply_lora(model, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = train(
+        model, train_source, eval_source, cfg, out_dir, resume=resume, group_by_length=cfg.group_by_length,
+        world=world, stop_after_steps=stop_after_steps,
+    )
+    metrics = {**result.metrics, "config": dataclasses.asdict(cfg), "resize": resize_info, "pad_token_id": tokenizer.pad_token_id,
+               "train_examples": len(train_source), "base_model": str(model_dir)}
+    if world.is_main and result.steps >= result.metrics["total_steps"]:
+        with atomic_dir(out_dir / ADAPTER_DIR) as tmp:
+            model.save_pretrained(str(tmp))
+        with atomic_dir(out_dir / TOKENIZER_DIR) as tmp:
+            tokenizer.save_pretrained(str(tmp))
+            modeling._copy_sp_model(tokenizer, tmp)
+        write_json(out_dir / "train_log.json", result.log_history)
+        write_json(out_dir / "metrics.json", metrics)
+    return metrics
