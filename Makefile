@@ -71,4 +71,4 @@ chain: ## the training chain on the default data: base, vocab, PT, merge, SFT, m
 	$(PY) -m zhllama.cli merge --preset $(PRESET) --base_model $(RUNS)/base --adapters $(RUNS)/pt --out $(RUNS)/pt_merged
 	$(PY) -m zhllama.cli sft --preset $(PRESET) --model $(RUNS)/pt_merged --train data/sft/train.json --valid data/sft/valid.json --out $(RUNS)/sft
 	$(PY) -m zhllama.cli merge --preset $(PRESET) --base_model $(RUNS)/pt_merged --adapters $(RUNS)/sft --out $(RUNS)/final
-	$(PY) -m zhllama.cli generate --model $(RUNS)/final --instruction "请用一句话介绍北京。"
+	$(PY) -m zhllama.cli generate --model $(RUNS)/final --instruction "判断下面这条评论的情感倾向，只回答“正面”或“负面”。" --input "质量很好，非常满意"
