@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 CHILD = """
-import resource, sys, time
+import sys, time
 from zhllama.merge import merge_adapters
 t = time.perf_counter()
 merge_adapters(sys.argv[1], [sys.argv[2]], sys.argv[3], low_memory=sys.argv[4] == "1")
-print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM belongs to this process image; ru_maxrss would carry the parent's peak across fork/exec
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(time.perf_counter() - t, hwm)
 """
 
 
