@@ -184,7 +184,7 @@ def _merge_streaming(base: Path, adapters: Sequence[Path], out_dir: Path, tokeni
         if (base / "generation_config.json").is_file():
             shutil.copyfile(base / "generation_config.json", tmp / "generation_config.json")
         tokenizer.save_pretrained(str(tmp))
-        modeling._copy_sp_model(tokenizer, tmp)
+        modeling.copy_sp_model(tokenizer, tmp)
         write_json(tmp / MERGE_RECORD, record)
     if vocab_rows != len(tokenizer):
         raise InputError(f"{out_dir}: merged embeddings have {vocab_rows} rows, tokenizer {len(tokenizer)}")

@@ -151,12 +151,12 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike[str], extra: dict[st
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(str(tmp))
-        _copy_sp_model(tokenizer, tmp)
+        copy_sp_model(tokenizer, tmp)
         if extra:
             write_json(tmp / "zhllama_model.json", extra)
 
 
-def _copy_sp_model(tokenizer, out_dir: Path) -> None:
+def copy_sp_model(tokenizer, out_dir: Path) -> None:
     """transformers 5 omits tokenizer.model on save; keep the SentencePiece form beside tokenizer.json."""
     import shutil
 

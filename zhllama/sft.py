@@ -159,7 +159,7 @@ def run_sft(
             model.save_pretrained(str(tmp))
         with atomic_dir(out_dir / TOKENIZER_DIR) as tmp:
             tokenizer.save_pretrained(str(tmp))
-            modeling._copy_sp_model(tokenizer, tmp)
+            modeling.copy_sp_model(tokenizer, tmp)
         write_json(out_dir / "train_log.json", result.log_history)
         write_json(out_dir / "metrics.json", metrics)
     return metrics

@@ -72,7 +72,7 @@ def load_sp_proto(path: str | os.PathLike[str], role: str = "tokenizer"):
         proto.ParseFromString(path.read_bytes())
     except Exception as err:  # protobuf's DecodeError and friends
         raise InputError(f"{path}: not a SentencePiece model ({role}): {err}") from None
-    if len(proto.pieces) == 0 or proto.trainer_spec.vocab_size == 0 and not proto.pieces:
+    if not proto.pieces:
         raise InputError(f"{path}: not a SentencePiece model ({role}): it holds no pieces")
     return proto
 
