@@ -15,8 +15,15 @@ RUNS        ?= runs
 # S3 credentials, endpoint and MLflow URI, from the one settings place (zhllama/settings.py).
 SERVICE_ENV  = eval "$$($(PY) -m zhllama.settings)"
 export PATH := $(BIN):$(PATH)
+# Tracking goes to the MLflow server when `make services` runs, else to the local store ./mlruns.
+TRACK_ENV    = if $(PY) -m zhllama.services status >/dev/null 2>&1; then $(SERVICE_ENV); else echo "(services not running: tracking into ./mlruns; make services for the MLflow server)"; fi
+# One MLflow parent run per `make chain`; sub-makes inherit it through the environment.
+ifndef ZHLLAMA_PIPELINE_RUN_ID
+export ZHLLAMA_PIPELINE_RUN_ID := make-$(shell date +%Y%m%d-%H%M%S)
+endif
+ZH           = $(TRACK_ENV) && $(PY) -m zhllama.cli
 
-.PHONY: help setup lock test test-fast services services-down services-status data data-push data-pull vocab base chain clean
+.PHONY: help setup lock test test-fast services services-down services-status data data-push data-pull vocab base chain evaluate register promote generate clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -57,18 +64,30 @@ data-pull: ## fetch data/ at the revision data.dvc names
 	$(SERVICE_ENV) && $(VENV)/bin/dvc pull
 
 vocab: ## the vocabulary stage on the default corpus
-	$(PY) -m zhllama.cli vocab --preset $(PRESET) --train data/corpus/train.txt --valid data/corpus/valid.txt --out $(RUNS)/vocab
+	$(ZH) vocab --preset $(PRESET) --train data/corpus/train.txt --valid data/corpus/valid.txt --out $(RUNS)/vocab
 
 clean: ## remove run outputs and caches (not the data, not the services' state)
 	rm -rf $(RUNS) .pytest_cache
 
 base: ## the small random-init LLaMA base model of the default run
-	$(PY) -m zhllama.cli base --preset $(PRESET) --out $(RUNS)/base
+	$(ZH) base --preset $(PRESET) --out $(RUNS)/base
 
-chain: ## the training chain on the default data: base, vocab, PT, merge, SFT, merge, one generation
+chain: ## the whole recipe by CLI on the default data: base, vocab, PT, merge, SFT, merge, evaluate, register
 	$(MAKE) base vocab
-	$(PY) -m zhllama.cli pretrain --preset $(PRESET) --base_model $(RUNS)/base --tokenizer $(RUNS)/vocab/tokenizer --train data/corpus/train.txt --out $(RUNS)/pt
-	$(PY) -m zhllama.cli merge --preset $(PRESET) --base_model $(RUNS)/base --adapters $(RUNS)/pt --out $(RUNS)/pt_merged
-	$(PY) -m zhllama.cli sft --preset $(PRESET) --model $(RUNS)/pt_merged --train data/sft/train.json --valid data/sft/valid.json --out $(RUNS)/sft
-	$(PY) -m zhllama.cli merge --preset $(PRESET) --base_model $(RUNS)/pt_merged --adapters $(RUNS)/sft --out $(RUNS)/final
+	$(ZH) pretrain --preset $(PRESET) --base_model $(RUNS)/base --tokenizer $(RUNS)/vocab/tokenizer --train data/corpus/train.txt --out $(RUNS)/pt
+	$(ZH) merge --preset $(PRESET) --stage_name merge_pt --base_model $(RUNS)/base --adapters $(RUNS)/pt --out $(RUNS)/pt_merged
+	$(ZH) sft --preset $(PRESET) --model $(RUNS)/pt_merged --train data/sft/train.json --valid data/sft/valid.json --out $(RUNS)/sft
+	$(ZH) merge --preset $(PRESET) --stage_name merge_final --base_model $(RUNS)/pt_merged --adapters $(RUNS)/sft --out $(RUNS)/final
+	$(MAKE) evaluate register
+
+evaluate: ## evaluate base, PT-merged and final models; writes runs/eval/report.html
+	$(ZH) evaluate --preset $(PRESET) --base_model $(RUNS)/base --pt_model $(RUNS)/pt_merged --final_model $(RUNS)/final --vocab $(RUNS)/vocab --pt_run $(RUNS)/pt --sft_run $(RUNS)/sft --out $(RUNS)/eval
+
+register: ## log + register the final model in MLflow; the gate decides whether it becomes champion
+	$(ZH) register --preset $(PRESET) --model $(RUNS)/final --eval $(RUNS)/eval
+
+promote: ## move champion by hand: make promote VERSION=3 REASON="..."
+	$(ZH) promote --version "$(VERSION)" --reason "$(REASON)"
+
+generate: ## answer one prompt with the final model
 	$(PY) -m zhllama.cli generate --model $(RUNS)/final --instruction "判断下面这条评论的情感倾向，只回答“正面”或“负面”。" --input "质量很好，非常满意"

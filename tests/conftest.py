@@ -149,3 +149,70 @@ def pt_merged(tmp_path_factory, tiny_base, pt_run) -> Path:
     out = tmp_path_factory.mktemp("ptm") / "pt_merged"
     merge_adapters(tiny_base, [pt_run], out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_data(tmp_path_factory, default_data) -> dict[str, Path]:
+    """The first 64 training and 16 test records of the default sentiment task."""
+    import json
+
+    root = tmp_path_factory.mktemp("sftdata")
+    out = {}
+    for split, n in (("train", 64), ("valid", 16), ("test", 16)):
+        records = json.loads((default_data / "sft" / f"{split}.json").read_text(encoding="utf-8"))[:n]
+        out[split] = root / f"{split}.json"
+        out[split].write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory, pt_merged, tiny_sft_data) -> Path:
+    from zhllama.config import SftConfig
+    from zhllama.sft import run_sft
+
+    out = tmp_path_factory.mktemp("sft") / "sft"
+    cfg = SftConfig(**tiny_train_args(max_steps=6, max_seq_length=96, max_eval_examples=8))
+    run_sft(pt_merged, tiny_sft_data["train"], tiny_sft_data["valid"], out, cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_final(tmp_path_factory, pt_merged, sft_run) -> Path:
+    """PT-merged + SFT adapter, merged: the tiny chain's final model."""
+    from zhllama.merge import merge_adapters
+
+    out = tmp_path_factory.mktemp("final") / "final"
+    merge_adapters(pt_merged, [sft_run], out)
+    return out
+
+
+TINY_EVAL = {"lm_max_lines": 12, "lm_chunk_chars": 96, "task_max_examples": 8, "max_new_tokens": 6, "task_max_new_tokens": 4}
+
+
+@pytest.fixture(scope="session")
+def eval_run(tmp_path_factory, tiny_base, pt_merged, tiny_final, vocab_run, pt_run, sft_run, small_corpus, tiny_sft_data) -> Path:
+    from zhllama.config import EvalConfig
+    from zhllama.evaluate import EvalInputs, run_evaluate
+
+    out = tmp_path_factory.mktemp("eval") / "eval"
+    inputs = EvalInputs(text_file=small_corpus["valid"], task_file=tiny_sft_data["test"], base_model=tiny_base, pt_merged_model=pt_merged,
+                        final_model=tiny_final, vocab_dir=vocab_run, pt_run=pt_run, sft_run=sft_run)
+    run_evaluate(inputs, out, EvalConfig(**TINY_EVAL, sample_prompts=EvalConfig().sample_prompts[:2]))
+    return out
+
+
+@pytest.fixture()
+def local_tracking(tmp_path, monkeypatch) -> Path:
+    """Tracking into a fresh local store (no server), with a fresh pipeline run id."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("ZHLLAMA_PIPELINE_RUN_ID", raising=False)
+    monkeypatch.setenv("ZHLLAMA_MLRUNS", str(tmp_path / "mlruns"))
+    return tmp_path / "mlruns"
+
+
+@pytest.fixture()
+def server_tracking(services, monkeypatch) -> str:
+    """Tracking into the real session MLflow server, with a fresh pipeline run id."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", services.mlflow_uri)
+    monkeypatch.delenv("ZHLLAMA_PIPELINE_RUN_ID", raising=False)
+    return services.mlflow_uri

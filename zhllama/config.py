@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 
 from zhllama.io import InputError
+from zhllama.prompts import SENTIMENT_INSTRUCTION
 
 T = TypeVar("T")
 
@@ -132,6 +133,8 @@ PRESET_SECTIONS = {
     "PretrainConfig": "pretrain",
     "SftConfig": "sft",
     "MergeConfig": "merge",
+    "EvalConfig": "evaluate",
+    "RegisterConfig": "register",
 }
 
 
@@ -267,3 +270,68 @@ class MergeConfig:
 
     low_memory: bool = doc("Merge one safetensors shard at a time (peak ~ largest shard + adapter, not 2x the model).", default=False)
     max_shard_size: str = doc("Shard size of the written model.", default="2GB")
+
+
+SAMPLE_PROMPTS = [
+    "请用一句话介绍北京。",
+    "中国的首都是哪里？",
+    "写一句关于春天的诗。",
+    f"{SENTIMENT_INSTRUCTION}\n质量很好，非常满意，下次还会再买。",
+    f"{SENTIMENT_INSTRUCTION}\n物流太慢了，包装也破了，很失望。",
+]
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Evaluation: bits per character on held-out text, task metrics, generation samples."""
+
+    lm_max_lines: int = doc("Held-out text lines scored per model (0 = all).", default=200)
+    lm_chunk_chars: int = doc("Characters per scored sequence; every model scores exactly the same characters.", default=256)
+    batch_size: int = doc("Sequences per forward pass.", default=8)
+    task_max_examples: int = doc("Instruction test examples scored (0 = all).", default=200)
+    task_options: list[str] = doc("Answer options scored by log-likelihood; empty = the distinct outputs of the test file (at most 20).", default_factory=list)
+    task_max_new_tokens: int = doc("Greedy tokens generated for exact match.", default=8)
+    sample_prompts: list[str] = doc("Prompts for the generation samples (instruction, then an optional input after a newline).", default_factory=lambda: list(SAMPLE_PROMPTS))
+    max_new_tokens: int = doc("Tokens generated per sample (the recipe's settings otherwise).", default=64)
+    seed: int = doc("Sampling seed.", default=0)
+    num_threads: int = doc("CPU threads for torch; 0 = all cores.", default=0)
+
+    def __post_init__(self) -> None:
+        _positive(self, "lm_chunk_chars", "batch_size", "task_max_new_tokens", "max_new_tokens")
+        for name in ("lm_max_lines", "task_max_examples", "num_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"EvalConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
+def parse_promotion_metric(spec: str) -> tuple[str, str]:
+    """``name:max`` or ``name:min`` -> (name, direction)."""
+    name, _, direction = spec.partition(":")
+    direction = direction or "max"
+    if not name or direction not in {"max", "min"}:
+        raise ValueError(f"promotion metric {spec!r}: expected NAME:max or NAME:min")
+    return name, direction
+
+
+@dataclasses.dataclass
+class RegisterConfig:
+    """Registration in the MLflow model registry and the promotion gate."""
+
+    model_name: str = doc("Registered model name.", default="zhllama-chinese-alpaca")
+    promotion_metrics: list[str] = doc(
+        "Evaluation metrics the challenger must not lose on, NAME:min or NAME:max; it must win on at least one.",
+        default_factory=lambda: ["final_bits_per_char:min", "task_accuracy_loglik:max"],
+    )
+    min_improvement: float = doc("Smallest gain that counts as a win on a metric (absolute).", default=0.0)
+    max_regression: float = doc("Largest loss on a metric that still passes the gate (absolute).", default=0.0)
+    lock_timeout: float = doc("Seconds to wait for another registration's promotion lock (and its age after which it is stale).", default=120.0)
+
+    def __post_init__(self) -> None:
+        if not self.model_name.strip():
+            raise ValueError("RegisterConfig.model_name must not be empty")
+        if not self.promotion_metrics:
+            raise ValueError("RegisterConfig.promotion_metrics must name at least one metric")
+        for spec in self.promotion_metrics:
+            parse_promotion_metric(spec)
+        if self.min_improvement < 0 or self.max_regression < 0:
+            raise ValueError("RegisterConfig.min_improvement and max_regression must be >= 0")
+        _positive(self, "lock_timeout")

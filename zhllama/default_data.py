@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from zhllama.io import atomic_dir, sha256_file, write_json
+from zhllama.prompts import SENTIMENT_INSTRUCTION
 
 log = logging.getLogger(__name__)
 
-SENTIMENT_INSTRUCTION = "判断下面这条评论的情感倾向，只回答“正面”或“负面”。"
 LABELS = {"pos": "正面", "neg": "负面"}
 
 # Share of items in the held-out splits, in percent (by text hash).

@@ -9,7 +9,7 @@ import hashlib
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,7 @@ def run_pretrain(
     cache_dir: Path | None = None,
     stop_after_steps: int | None = None,
     world: Dist | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Pretrain; writes ``adapter/`` (stage 2) or ``model/`` (stage 1), ``tokenizer/``,
     ``train_log.json`` and ``metrics.json`` (last, so its presence means the run finished)."""
@@ -180,7 +181,7 @@ def run_pretrain(
     out_dir.mkdir(parents=True, exist_ok=True)
     result = train(
         model, BlockSource(train_blocks), BlockSource(eval_blocks) if len(eval_blocks) else None, cfg, out_dir,
-        resume=resume, world=world, stop_after_steps=stop_after_steps,
+        resume=resume, world=world, stop_after_steps=stop_after_steps, on_log=on_log,
     )
     metrics = {
         **result.metrics,

@@ -7,6 +7,8 @@ PROMPT_TEMPLATE = (
     "### Instruction:\n{instruction}\n\n### Response: "
 )
 RESPONSE_MARKER = "### Response:"
+# The embedded default task (default_data.py), also used by the evaluation samples.
+SENTIMENT_INSTRUCTION = "判断下面这条评论的情感倾向，只回答“正面”或“负面”。"
 
 
 def build_prompt(instruction: str, input_text: str = "") -> str:

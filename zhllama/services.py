@@ -169,6 +169,8 @@ def start_seaweedfs(settings: Settings, timeout: float = 60) -> None:
         "-volume.max=0", "-master.volumeSizeLimitMB=256",
         "-filer", f"-filer.port={settings.weed_filer_port}",
         "-s3", f"-s3.port={settings.s3_port}", f"-s3.config={_identities(settings)}",
+        # Fixed-port extras (Iceberg 8181, Lance 9101) would clash between two instances; phoning home is off.
+        "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
     ]
     pid = _spawn(settings, "seaweedfs", cmd, dict(os.environ))
     log.info("started SeaweedFS (pid %d), waiting for %s", pid, settings.s3_endpoint)
@@ -263,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     elif action == "down":
         down()
     elif action == "status":
-        print(json.dumps(status(), indent=2))
+        report = status()
+        print(json.dumps(report, indent=2))
+        return 0 if all(service["up"] for service in report.values()) else 1
     else:
         print("usage: python -m zhllama.services up|down|status", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from zhllama.config import SftConfig
 from zhllama.io import InputError, atomic_dir, write_json
 from zhllama.pretrain import ADAPTER_DIR, TOKENIZER_DIR, apply_lora
 from zhllama.prompts import build_prompt
-from zhllama.training import IGNORE_INDEX, Dist, init_distributed, train
+from zhllama.training import IGNORE_INDEX, Dist, init_distributed, pad_rows, train
 from zhllama.vocab import add_pad_token
 
 log = logging.getLogger(__name__)
@@ -94,16 +94,7 @@ class SftSource:
 
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Pad input_ids with the pad id, labels with -100, attention_mask 0 over padding."""
-        batch = [self.examples[i] for i in indices]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.int64)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.int64)
-        mask = torch.zeros((len(batch), width), dtype=torch.int64)
-        for row, (ids, lab) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(lab)] = torch.tensor(lab)
-            mask[row, : len(ids)] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+        return pad_rows([self.examples[i] for i in indices], self.pad_id)
 
 
 def build_source(path, tokenizer, max_seq_length: int, limit: int = 0) -> SftSource:
@@ -136,6 +127,7 @@ def run_sft(
     resume: bool = False,
     stop_after_steps: int | None = None,
     world: Dist | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """SFT with LoRA from the PT-merged model; writes ``adapter/``, ``tokenizer/`` (with
     ``[PAD]``), ``train_log.json`` and ``metrics.json``."""
@@ -150,7 +142,7 @@ def run_sft(
     out_dir.mkdir(parents=True, exist_ok=True)
     result = train(
         model, train_source, eval_source, cfg, out_dir, resume=resume, group_by_length=cfg.group_by_length,
-        world=world, stop_after_steps=stop_after_steps,
+        world=world, stop_after_steps=stop_after_steps, on_log=on_log,
     )
     metrics = {**result.metrics, "config": dataclasses.asdict(cfg), "resize": resize_info, "pad_token_id": tokenizer.pad_token_id,
                "train_examples": len(train_source), "base_model": str(model_dir)}

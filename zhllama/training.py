@@ -128,6 +128,19 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainArgs) -> torch.optim.AdamW
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
 
 
+def pad_rows(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad (input_ids, labels) rows: ids with ``pad_id``, labels with -100, mask 0 over padding."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.int64)
+    mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    for row, (ids, lab) in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over target tokens, and their count."""
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
@@ -237,9 +250,11 @@ def train(
     world: Dist | None = None,
     max_eval: int = 0,
     stop_after_steps: int | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place. ``stop_after_steps`` ends early (after checkpointing) to
-    simulate an interruption in tests."""
+    simulate an interruption in tests; ``on_log`` receives every log entry as it is made
+    (on the main process), e.g. to send step metrics to MLflow."""
     from tqdm.auto import tqdm
 
     world = world or Dist()
@@ -326,6 +341,8 @@ def train(
             raise FloatingPointError(f"loss became {step_loss} at step {step}: lower the learning rate; on GPU prefer --precision bf16 to fp16")
         entry = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": int(step_tokens)}
         history.append(entry)
+        if on_log and world.is_main:
+            on_log(entry)
         progress.update(1)
         if step % cfg.logging_steps == 0 or step == total_steps:
             elapsed = time.perf_counter() - started
@@ -333,6 +350,8 @@ def train(
             log.info("step %d/%d loss %.4f lr %.2e %.0f tokens/s", step, total_steps, step_loss, entry["lr"], tokens_seen * world.world_size / max(elapsed, 1e-9))
         if eval_source is not None and cfg.eval_steps and step % cfg.eval_steps == 0 and step != total_steps:
             history.append({"step": step, **evaluate_loss(model, eval_source, cfg.per_device_eval_batch_size, world, max_eval)})
+            if on_log and world.is_main:
+                on_log(history[-1])
         if cfg.save_steps and (step % cfg.save_steps == 0 or (stop_after_steps is not None and step == stop_after_steps)):
             state = {"step": step, "total_steps": total_steps, "log_history": history}
             if world.is_main:
@@ -360,4 +379,6 @@ def train(
         final_eval = evaluate_loss(model, eval_source, cfg.per_device_eval_batch_size, world, max_eval)
         history.append({"step": step, **final_eval})
         metrics.update(final_eval)
+        if on_log and world.is_main:
+            on_log(history[-1])
     return TrainResult(steps=step, log_history=history, metrics=metrics)

@@ -1,0 +1,189 @@
+"""Tracking, registration and promotion against the real MLflow server (and its S3 artifacts)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_EVAL
+from zhllama import cli, registry, tracking
+from zhllama import services as svc
+from zhllama.config import RegisterConfig
+from zhllama.io import read_json, write_json
+from zhllama.settings import PROJECT_ROOT
+
+pytestmark = pytest.mark.services
+
+
+def _name() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def _eval_with(eval_run: Path, tmp_path: Path, **changes: float) -> Path:
+    """A copy of the evaluation output with some summary figures changed."""
+    metrics = read_json(eval_run / "metrics.json")
+    metrics["summary"].update(changes)
+    out = tmp_path / f"eval-{uuid.uuid4().hex[:6]}"
+    write_json(out / "metrics.json", metrics)
+    return out
+
+
+def _versions(client, name: str) -> list:
+    return sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+
+
+def test_chain_by_cli_leaves_nested_runs_report_and_champion(server_tracking, tmp_path, tiny_base, vocab_run, small_corpus,
+                                                             tiny_sft_data, monkeypatch) -> None:
+    """The issue's 'done when', on tiny models: every stage by CLI, one parent run, a champion."""
+    monkeypatch.setenv("ZHLLAMA_CACHE_DIR", str(tmp_path / "cache"))
+    run_id, name = f"cli-{uuid.uuid4().hex[:6]}", _name()
+    train = ["--max_steps", "3", "--per_device_train_batch_size", "2", "--save_steps", "0", "--eval_steps", "0",
+             "--logging_steps", "1", "--num_threads", "2", "--learning_rate", "1e-3"]
+    evaluate = [x for k, v in TINY_EVAL.items() for x in (f"--{k}", str(v))]
+    steps = [
+        ["pretrain", "--base_model", str(tiny_base), "--tokenizer", str(vocab_run / "tokenizer"), "--train", str(small_corpus["train"]),
+         "--out", str(tmp_path / "pt"), "--block_size", "64", *train],
+        ["merge", "--stage_name", "merge_pt", "--base_model", str(tiny_base), "--adapters", str(tmp_path / "pt"), "--out", str(tmp_path / "pt_merged")],
+        ["sft", "--model", str(tmp_path / "pt_merged"), "--train", str(tiny_sft_data["train"]), "--valid", str(tiny_sft_data["valid"]),
+         "--out", str(tmp_path / "sft"), "--max_seq_length", "96", *train],
+        ["merge", "--stage_name", "merge_final", "--base_model", str(tmp_path / "pt_merged"), "--adapters", str(tmp_path / "sft"),
+         "--out", str(tmp_path / "final")],
+        ["evaluate", "--text", str(small_corpus["valid"]), "--tasks", str(tiny_sft_data["test"]), "--base_model", str(tiny_base),
+         "--pt_model", str(tmp_path / "pt_merged"), "--final_model", str(tmp_path / "final"), "--vocab", str(vocab_run),
+         "--pt_run", str(tmp_path / "pt"), "--sft_run", str(tmp_path / "sft"), "--out", str(tmp_path / "eval"), *evaluate],
+        ["register", "--model", str(tmp_path / "final"), "--eval", str(tmp_path / "eval"), "--model_name", name],
+    ]
+    for argv in steps:
+        assert cli.main(["--pipeline_run_id", run_id, *argv]) == 0, argv[0]
+
+    tracker = tracking.Tracker(run_id=run_id)
+    client = tracker.client
+    parent = client.get_run(tracker.parent_run_id())
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    by_name = {r.data.tags["mlflow.runName"]: r for r in children}
+    assert set(by_name) == {"pretrain_stage2", "merge_pt", "sft", "merge_final", "evaluate", "register"}
+    for run in [parent, *children]:
+        assert run.data.tags["zhllama.pipeline_run_id"] == run_id
+        assert run.data.tags["zhllama.base_model_id"] == tracking.model_id(tiny_base)
+        assert run.data.tags["zhllama.tokenizer_sha256"] == tracking.tokenizer_sha256(vocab_run / "tokenizer")
+    assert all(r.info.status == "FINISHED" for r in children)
+    pt = by_name["pretrain_stage2"]
+    assert [m.step for m in client.get_metric_history(pt.info.run_id, "loss")] == [1, 2, 3]
+    assert pt.data.params["block_size"] == "64" and pt.data.params["lora_rank"] == "8"
+    evaluation = {a.path for a in client.list_artifacts(by_name["evaluate"].info.run_id, "evaluation")}
+    assert {"evaluation/report.html", "evaluation/metrics.json", "evaluation/plots"} <= evaluation
+    assert "report.html" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "final_bits_per_char" in parent.data.metrics
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == "1" and champion.tags[registry.STATE_TAG] == "ready"
+    assert champion.tags["zhllama.data_dvc_md5"] == tracking.data_dvc_md5()
+
+
+def test_registered_champion_loads_and_generates(server_tracking, tmp_path, tiny_final, eval_run) -> None:
+    import mlflow
+
+    name = _name()
+    result = registry.register(tiny_final, eval_run, RegisterConfig(model_name=name))
+    assert result["version"] == "1" and result["decision"] == "promoted"
+    mlflow.set_tracking_uri(server_tracking)
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    inputs = model.metadata.get_input_schema().input_names()
+    assert inputs == ["instruction", "input"]
+    answers = model.predict([{"instruction": "判断下面这条评论的情感倾向", "input": "很好"}], params={"max_new_tokens": 4})
+    assert len(answers) == 1 and isinstance(answers[0], str)
+    with pytest.raises(Exception, match="instruction"):
+        model.predict([{"instruction": "", "input": "x"}])
+
+
+def test_worse_version_is_challenger_better_one_takes_champion_manual_promotion(server_tracking, tmp_path, tiny_final, eval_run) -> None:
+    name = _name()
+    cfg = RegisterConfig(model_name=name)
+    base = read_json(eval_run / "metrics.json")["summary"]
+    first = registry.register(tiny_final, eval_run, cfg)
+    worse = registry.register(tiny_final, _eval_with(eval_run, tmp_path, final_bits_per_char=base["final_bits_per_char"] + 0.5), cfg)
+    client = tracking.client()
+    assert worse["decision"] == "kept champion" and "worse on final_bits_per_char" in worse["reason"]
+    assert client.get_model_version_by_alias(name, "champion").version == first["version"]
+    challenger = client.get_model_version_by_alias(name, "challenger")
+    assert challenger.version == worse["version"]
+    compared = json.loads(challenger.tags["promotion.compared"])
+    assert compared["final_bits_per_char"]["champion"] == pytest.approx(base["final_bits_per_char"])
+    assert challenger.tags["promotion.champion_before"] == first["version"]
+
+    better = registry.register(tiny_final, _eval_with(eval_run, tmp_path, final_bits_per_char=base["final_bits_per_char"] - 0.5), cfg)
+    assert better["decision"] == "promoted"
+    assert client.get_model_version_by_alias(name, "champion").version == better["version"]
+
+    assert cli.main(["promote", "--model_name", name, "--version", first["version"], "--reason", "rollback: test"]) == 0
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == first["version"]
+    assert champion.tags["promotion.reason"] == "rollback: test" and champion.tags["promotion.champion_before"] == better["version"]
+    assert cli.main(["promote", "--model_name", name, "--version", "99", "--reason", "x"]) == 2
+
+
+def test_failure_after_version_creation_leaves_no_version(server_tracking, tiny_final, eval_run, monkeypatch) -> None:
+    name = _name()
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("server went away")
+
+    monkeypatch.setattr(registry, "_promote_by_gate", broken)
+    with pytest.raises(ConnectionError):
+        registry.register(tiny_final, eval_run, RegisterConfig(model_name=name))
+    assert _versions(tracking.client(), name) == []
+
+
+def test_racing_registrations_both_get_versions_and_consistent_aliases(server_tracking, tmp_path, tiny_final, eval_run) -> None:
+    name = _name()
+    base = read_json(eval_run / "metrics.json")["summary"]["final_bits_per_char"]
+    evals = {"worse": _eval_with(eval_run, tmp_path, final_bits_per_char=base + 1.0),
+             "better": _eval_with(eval_run, tmp_path, final_bits_per_char=base - 1.0)}
+    env = {**os.environ, "ZHLLAMA_PIPELINE_RUN_ID": f"race-{uuid.uuid4().hex[:6]}"}
+    procs = {label: subprocess.Popen([sys.executable, "-m", "zhllama.cli", "register", "--model", str(tiny_final), "--eval", str(path),
+                                      "--model_name", name], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for label, path in evals.items()}
+    outputs = {label: p.communicate(timeout=600)[0] for label, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), outputs
+    client = tracking.client()
+    versions = _versions(client, name)
+    assert [v.version for v in versions] == ["1", "2"]
+    assert all(v.tags[registry.STATE_TAG] == "ready" for v in versions)
+    champion = client.get_model_version_by_alias(name, "champion")
+    # whichever came first, the better one ends champion and says so
+    assert float(champion.tags["metric.final_bits_per_char"]) == pytest.approx(base - 1.0)
+    assert champion.tags["promotion.decision"] == "promoted"
+    other = next(v for v in versions if v.version != champion.version)
+    # The tags tell one story in the order the lock gave: first promoted with no champion, second compared.
+    if champion.tags["promotion.champion_before"] == other.version:
+        assert other.tags["promotion.decision"] == "promoted" and other.tags["promotion.champion_before"] == ""
+        second = champion
+    else:
+        assert champion.tags["promotion.champion_before"] == ""
+        assert other.tags["promotion.decision"] == "kept champion" and other.tags["promotion.champion_before"] == champion.version
+        second = other
+    assert client.get_model_version_by_alias(name, "challenger").version == second.version
+    assert not [m for m in client.search_registered_models(f"name = '{name}.promotion-lock'")]  # lock released
+
+
+def test_server_down_clear_error_no_version_then_retry_registers_once(services, server_tracking, tiny_final, eval_run) -> None:
+    name = _name()
+    svc.stop("mlflow", services)
+    try:
+        started = time.monotonic()
+        code = subprocess.run([sys.executable, "-m", "zhllama.cli", "register", "--model", str(tiny_final), "--eval", str(eval_run),
+                               "--model_name", name], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+        assert code.returncode == 2
+        assert "MLflow tracking server" in code.stderr and "not reachable" in code.stderr and "Traceback" not in code.stderr
+        assert time.monotonic() - started < 60
+    finally:
+        svc.start_mlflow(services)
+    client = tracking.client()
+    assert _versions(client, name) == []
+    result = registry.register(tiny_final, eval_run, RegisterConfig(model_name=name))
+    assert [v.version for v in _versions(client, name)] == [result["version"]] == ["1"]

@@ -1,0 +1,92 @@
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY_EVAL
+from zhllama.config import EvalConfig
+from zhllama.evaluate import EvalInputs, language_model_scores, run_evaluate, sequence_logprobs, task_metrics, text_chunks
+from zhllama.io import InputError, read_json
+from zhllama.modeling import load_model, load_tokenizer
+from zhllama.sft import tokenize_example
+from zhllama.training import token_loss_sum
+
+
+def test_chunks_keep_every_character() -> None:
+    lines = ["一二三四五六七", "八九", "   "]
+    chunks = text_chunks(lines, 3)
+    assert "".join(chunks) == "一二三四五六七八九"
+    assert max(len(c) for c in chunks) == 3
+
+
+def test_bits_per_char_do_not_depend_on_batching(pt_merged: Path, small_corpus) -> None:
+    model, tok = load_model(pt_merged), load_tokenizer(pt_merged)
+    chunks = text_chunks(small_corpus["valid"].read_text(encoding="utf-8").splitlines()[:6], 64)
+    one = language_model_scores(model, tok, chunks, batch_size=1)
+    many = language_model_scores(model, tok, chunks, batch_size=5)
+    assert one["tokens"] == many["tokens"] and one["chars"] == sum(len(c) for c in chunks)
+    assert many["bits_per_char"] == pytest.approx(one["bits_per_char"], rel=1e-5)
+    # the three figures are one measurement: log2(token perplexity) * tokens = bits/char * chars
+    assert math.log2(one["token_perplexity"]) * one["tokens"] == pytest.approx(one["bits_per_char"] * one["chars"], rel=1e-6)
+    assert one["bits_per_byte"] * one["bytes"] == pytest.approx(one["bits_per_char"] * one["chars"], rel=1e-9)
+
+
+def test_sequence_logprobs_equal_the_training_loss(pt_merged: Path) -> None:
+    model, tok = load_model(pt_merged), load_tokenizer(pt_merged)
+    rows = [tokenize_example(tok, {"instruction": "判断情感", "input": text, "output": out}, 128)
+            for text, out in (("很好", "正面"), ("太差了，不会再买", "负面"))]
+    scores = sequence_logprobs(model, rows, 0, batch_size=2)
+    for (ids, labels), (logp, count) in zip(rows, scores, strict=True):
+        with torch.no_grad():
+            loss, n = token_loss_sum(model, {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])})
+        assert n == count
+        assert logp == pytest.approx(-loss.item(), rel=1e-4)
+
+
+def test_task_metrics_rank_the_options(tiny_final: Path, tiny_sft_data) -> None:
+    model, tok = load_model(tiny_final), load_tokenizer(tiny_final)
+    result = task_metrics(model, tok, tiny_sft_data["test"], EvalConfig(**TINY_EVAL))
+    assert result["options"] == ["正面", "负面"]
+    assert result["examples"] == 8
+    assert sum(result["predicted_share"].values()) == pytest.approx(1.0)
+    assert 0.0 <= result["accuracy_loglik"] <= 1.0 and 0.0 <= result["exact_match"] <= 1.0
+    assert result["test_loss"] > 0
+
+
+def test_evaluation_writes_metrics_and_report(eval_run: Path) -> None:
+    metrics = read_json(eval_run / "metrics.json")
+    summary = metrics["summary"]
+    for role in ("base", "pt_merged", "final"):
+        assert summary[f"{role}_bits_per_char"] > 0
+    # the merged tokenizer needs fewer tokens per character than the base one on the same text
+    assert summary["pt_merged_tokens_per_char"] < summary["base_tokens_per_char"]
+    assert summary["tokens_per_zh_char_merged"] < summary["tokens_per_zh_char_base"]
+    assert {"task_accuracy_loglik", "task_exact_match", "sft_test_loss", "sft_valid_loss", "pt_valid_loss"} <= set(summary)
+    assert len(metrics["samples"]) == 2 and all(isinstance(s["response"], str) for s in metrics["samples"])
+    plots = {p.name for p in (eval_run / "plots").iterdir()}
+    assert {"loss_curves.png", "bits_per_char.png", "token_efficiency.png", "task.png"} <= plots
+    html = (eval_run / "report.html").read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") == 4  # self-contained: renders as a Kubeflow HTML artifact
+    assert "Generation samples" in html and "请用一句话介绍北京。" in html
+
+
+def test_pt_merged_beats_random_base_in_bits_per_char(eval_run: Path) -> None:
+    summary = read_json(eval_run / "metrics.json")["summary"]
+    assert summary["pt_merged_bits_per_char"] < summary["base_bits_per_char"]
+
+
+def test_bad_input_leaves_no_output(tmp_path: Path, tiny_base: Path, small_corpus) -> None:
+    out = tmp_path / "eval"
+    with pytest.raises(InputError, match="no weights"):
+        empty = tmp_path / "empty_model"
+        empty.mkdir()
+        (empty / "config.json").write_text("{}")
+        run_evaluate(EvalInputs(text_file=small_corpus["valid"], base_model=empty), out, EvalConfig(**TINY_EVAL))
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("好的\n".encode() + b"\xff\xfe\n")
+    with pytest.raises(InputError, match=r"bad.txt:2: not UTF-8"):
+        run_evaluate(EvalInputs(text_file=bad, base_model=tiny_base), out, EvalConfig(**TINY_EVAL))
+    with pytest.raises(InputError, match="at least one model"):
+        run_evaluate(EvalInputs(text_file=small_corpus["valid"]), out, EvalConfig(**TINY_EVAL))
+    assert not out.exists() and not list(tmp_path.glob(".eval.tmp-*"))

@@ -1,0 +1,267 @@
+"""Registration of the final model in the MLflow model registry, and promotion by alias.
+
+Every new version gets the alias ``challenger``. The promotion gate compares its evaluation
+figures with the version holding ``champion`` and moves ``champion`` only when it wins; the
+decision and the compared figures are written as version tags. Promotions take a lock (a
+registered model ``<name>.promotion-lock``, whose creation is atomic in the registry), so two
+registrations racing both get versions and leave the aliases consistent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from zhllama import tracking
+from zhllama.config import RegisterConfig, parse_promotion_metric
+from zhllama.io import InputError, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+STATE_TAG = "zhllama.state"  # pending while a registration is under way, ready when whole
+METRIC_TAG = "metric."
+DECISION_TAG = "promotion.decision"
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+               "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "zhllama_merge.json")
+
+
+class RegistryError(RuntimeError):
+    """Registration or promotion could not be done; the message says why."""
+
+
+def _not_found(err: Exception) -> bool:
+    return "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")) or "not found" in str(err).lower()
+
+
+def champion_version(client, name: str):
+    """The version holding ``champion``, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as err:
+        if _not_found(err):
+            return None
+        raise
+
+
+def version_metrics(version) -> dict[str, float]:
+    return {k[len(METRIC_TAG):]: float(v) for k, v in version.tags.items() if k.startswith(METRIC_TAG)}
+
+
+def gate(candidate: dict[str, float], champion: dict[str, float] | None, cfg: RegisterConfig) -> tuple[bool, str, dict[str, Any]]:
+    """(promote?, reason, compared figures). The challenger must lose on no listed metric by more
+    than ``max_regression`` and gain at least ``min_improvement`` (and more than 0) on one."""
+    if champion is None:
+        return True, "no champion yet", {}
+    compared: dict[str, Any] = {}
+    lost, won = [], []
+    for spec in cfg.promotion_metrics:
+        name, direction = parse_promotion_metric(spec)
+        new, old = candidate[name], champion.get(name)
+        if old is None:
+            compared[name] = {"challenger": new, "champion": None}
+            won.append(name)  # the champion was never measured on it
+            continue
+        gain = new - old if direction == "max" else old - new
+        compared[name] = {"challenger": new, "champion": old, "gain": gain, "direction": direction}
+        if gain < -cfg.max_regression:
+            lost.append(name)
+        elif gain > 0 and gain >= cfg.min_improvement:
+            won.append(name)
+    if lost:
+        return False, f"worse on {', '.join(lost)}", compared
+    if not won:
+        return False, f"no gain of at least {cfg.min_improvement} on any of {', '.join(compared)}", compared
+    return True, f"better on {', '.join(won)}", compared
+
+
+@contextlib.contextmanager
+def promotion_lock(client, name: str, timeout: float) -> Iterator[None]:
+    """Hold ``<name>.promotion-lock`` for the block. A lock older than ``timeout`` seconds is
+    stale (its holder died) and is broken."""
+    from mlflow.exceptions import MlflowException
+
+    lock = f"{name}.promotion-lock"
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.create_registered_model(lock, description=f"zhllama promotion lock held by {holder}; removed when the promotion ends")
+            break
+        except MlflowException as err:
+            if "ALREADY_EXISTS" not in str(err.error_code) and "already exists" not in str(err).lower():
+                raise
+            with contextlib.suppress(MlflowException):
+                held = client.get_registered_model(lock)
+                if time.time() * 1000 - held.creation_timestamp > timeout * 1000:
+                    log.warning("breaking stale promotion lock %s (%s)", lock, held.description)
+                    client.delete_registered_model(lock)
+                    continue
+            if time.monotonic() > deadline:
+                raise RegistryError(f"promotion lock {lock} still held after {timeout:.0f} s; delete that registered model if its holder died") from None
+            time.sleep(0.5)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(lock)
+
+
+def _package_model(model_dir: Path, into: Path) -> Path:
+    """The model files plus the serving config (prompt and generation settings), nothing else."""
+    from zhllama.serving import SERVING_FILE, serving_config
+
+    target = into / "model"
+    target.mkdir()
+    for name in MODEL_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, target / name)
+    for shard in model_dir.glob("model-*.safetensors"):
+        shutil.copy2(shard, target / shard.name)
+    write_json(target / SERVING_FILE, serving_config())
+    return target
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    packages = ("torch", "transformers", "tokenizers", "safetensors", "sentencepiece", "protobuf", "pandas", "mlflow")
+    return [f"{p}=={version(p).split('+')[0]}" for p in packages]
+
+
+def log_pyfunc_model(model_dir: Path, run_id: str, uri: str):
+    """Log the model as an MLflow pyfunc (safetensors weights, tokenizer, prompt, generation
+    settings, signature and input example) in ``run_id``; returns its ModelInfo."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    from zhllama.generation import GenerationSettings
+    from zhllama.serving import EXAMPLE, MODEL_ARTIFACT, ChineseAlpacaModel
+
+    example = pd.DataFrame(EXAMPLE)
+    defaults = {k: v for k, v in GenerationSettings().__dict__.items()}
+    signature = infer_signature(example, ["正面"], params=defaults)
+    mlflow.set_tracking_uri(uri)
+    with tempfile.TemporaryDirectory(prefix="zhllama-register-") as tmp, mlflow.start_run(run_id=run_id):
+        packaged = _package_model(model_dir, Path(tmp))
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=ChineseAlpacaModel(),
+            artifacts={MODEL_ARTIFACT: str(packaged)},
+            code_paths=[str(Path(__file__).resolve().parent)],  # the zhllama package: loads without an install
+            signature=signature,
+            input_example=example,
+            pip_requirements=_requirements(),
+        )
+
+
+def register(model_dir: str | os.PathLike[str], eval_dir: str | os.PathLike[str], cfg: RegisterConfig,
+             tracker: tracking.Tracker | None = None) -> dict[str, Any]:
+    """Log, register, tag and (if the gate passes) promote the final model. On failure no
+    version is left behind: a version created before the error is deleted again."""
+    from zhllama import modeling
+
+    model_dir = modeling.check_model_dir(model_dir)
+    summary = read_json(Path(eval_dir) / "metrics.json").get("summary", {})
+    for spec in cfg.promotion_metrics:
+        name, _ = parse_promotion_metric(spec)
+        if name not in summary:
+            raise InputError(f"{eval_dir}/metrics.json: no metric {name!r} for the promotion gate; it has {', '.join(sorted(summary))}")
+    tracker = tracker or tracking.Tracker()  # fails fast, with one message, when the server is down
+    client = tracker.client
+    known = tracking.lineage(tracker.pipeline_run_id)
+    with tracker.stage("register", cfg, known) as run:
+        model_info = log_pyfunc_model(model_dir, run.run_id, tracker.uri)
+        version = None
+        try:
+            version = _create_version(client, cfg.model_name, model_info, run.run_id)
+            lineage = client.get_run(run.run_id).data.tags
+            tags = {METRIC_TAG + k: repr(float(v)) for k, v in summary.items()}
+            tags.update({f"zhllama.{k}": lineage.get(f"zhllama.{k}", tracking.UNKNOWN) for k in tracking.LINEAGE_KEYS})
+            tags.update({"zhllama.run_id": run.run_id, "zhllama.model_dir": str(model_dir)})
+            for key, value in tags.items():
+                client.set_model_version_tag(cfg.model_name, version.version, key, value)
+            decision = _promote_by_gate(client, cfg, version.version, summary)
+            client.set_model_version_tag(cfg.model_name, version.version, STATE_TAG, "ready")
+        except BaseException:
+            if version is not None:
+                with contextlib.suppress(Exception):
+                    client.delete_model_version(cfg.model_name, version.version)
+                    log.warning("registration failed: deleted the half-registered version %s", version.version)
+            raise
+        run.log_metrics({"registered_version": int(version.version), "promoted": int(decision["promoted"])})
+        run.set_tags({"zhllama.registered_version": version.version, DECISION_TAG: decision["decision"]})
+    result = {"model_name": cfg.model_name, "version": version.version, "model_uri": model_info.model_uri,
+              "run_id": run.run_id, **decision}
+    log.info("registered %s version %s: %s (%s)", cfg.model_name, version.version, decision["decision"], decision["reason"])
+    return result
+
+
+def _create_version(client, name: str, model_info, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    with contextlib.suppress(MlflowException):  # exists already
+        client.create_registered_model(name, description="Chinese-LLaMA-Alpaca models trained by zhllama")
+    version = client.create_model_version(name, source=model_info.model_uri, run_id=run_id, tags={STATE_TAG: "pending"},
+                                          model_id=model_info.model_id)
+    return version
+
+
+def _promote_by_gate(client, cfg: RegisterConfig, version: str, summary: dict[str, float]) -> dict[str, Any]:
+    name = cfg.model_name
+    with promotion_lock(client, name, cfg.lock_timeout):
+        current = champion_version(client, name)
+        champion_metrics = version_metrics(current) if current is not None else None
+        promote, reason, compared = gate(summary, champion_metrics, cfg)
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        previous = current.version if current is not None else ""
+        if promote:
+            client.set_registered_model_alias(name, CHAMPION, version)
+        try:
+            decision = "promoted" if promote else "kept champion"
+            for key, value in {DECISION_TAG: decision, "promotion.reason": reason, "promotion.compared": json.dumps(compared),
+                               "promotion.champion_before": previous}.items():
+                client.set_model_version_tag(name, version, key, value)
+        except BaseException:
+            if promote and previous:  # put the old champion back before the version is removed
+                with contextlib.suppress(Exception):
+                    client.set_registered_model_alias(name, CHAMPION, previous)
+            raise
+    return {"decision": decision, "promoted": promote, "reason": reason, "compared": compared, "champion_before": previous}
+
+
+def promote(version: str | int, reason: str, model_name: str, uri: str | None = None, lock_timeout: float = 120.0) -> dict[str, Any]:
+    """Move ``champion`` to ``version`` by hand, recording the reason and the previous champion."""
+    from mlflow.exceptions import MlflowException
+
+    if not reason.strip():
+        raise InputError("promote: give a --reason; it is recorded on the version")
+    client = tracking.client(uri)
+    version = str(version)
+    try:
+        target = client.get_model_version(model_name, version)
+    except MlflowException as err:
+        raise RegistryError(f"model {model_name!r} has no version {version}: {err.message}") from None
+    if target.tags.get(STATE_TAG) != "ready":
+        raise RegistryError(f"{model_name} version {version} is not a complete registration ({STATE_TAG}={target.tags.get(STATE_TAG)!r})")
+    with promotion_lock(client, model_name, lock_timeout):
+        current = champion_version(client, model_name)
+        previous = current.version if current is not None else ""
+        client.set_registered_model_alias(model_name, CHAMPION, version)
+        for key, value in {DECISION_TAG: "promoted by hand", "promotion.reason": reason, "promotion.champion_before": previous,
+                           "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}.items():
+            client.set_model_version_tag(model_name, version, key, value)
+    log.info("%s: champion %s -> %s (%s)", model_name, previous or "none", version, reason)
+    return {"model_name": model_name, "version": version, "champion_before": previous, "reason": reason}
