@@ -23,7 +23,7 @@ export ZHLLAMA_PIPELINE_RUN_ID := make-$(shell date +%Y%m%d-%H%M%S)
 endif
 ZH           = $(TRACK_ENV) && $(PY) -m zhllama.cli
 
-.PHONY: help setup lock test test-fast services services-down services-status data data-push data-pull vocab base chain evaluate register promote generate clean
+.PHONY: help setup lock test test-fast services services-down services-status data data-push data-pull vocab base chain evaluate register compile run images promote generate clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -67,7 +67,7 @@ vocab: ## the vocabulary stage on the default corpus
 	$(ZH) vocab --preset $(PRESET) --train data/corpus/train.txt --valid data/corpus/valid.txt --out $(RUNS)/vocab
 
 clean: ## remove run outputs and caches (not the data, not the services' state)
-	rm -rf $(RUNS) .pytest_cache
+	rm -rf $(RUNS) .pytest_cache .kfp_outputs .kfp_cache
 
 base: ## the small random-init LLaMA base model of the default run
 	$(ZH) base --preset $(PRESET) --out $(RUNS)/base
@@ -85,6 +85,28 @@ evaluate: ## evaluate base, PT-merged and final models; writes runs/eval/report.
 
 register: ## log + register the final model in MLflow; the gate decides whether it becomes champion
 	$(ZH) register --preset $(PRESET) --model $(RUNS)/final --eval $(RUNS)/eval
+
+compile: ## compile the Kubeflow pipeline YAMLs (CPU and GPU), checked in; upload one in the Kubeflow UI
+	$(PY) -m zhllama.cli compile
+	$(PY) -m zhllama.cli compile --gpus 1
+
+run: ## the whole DAG on this machine through kfp.local (services, default data and base); cached steps are reused
+	@$(PY) -m zhllama.services status >/dev/null 2>&1 || $(MAKE) services
+	test -d data || $(MAKE) data
+	$(SERVICE_ENV) && $(PY) -m pipelines.local --preset $(PRESET) $(RUN_ARGS)
+
+images: ## build the CPU and CUDA images with the version tag (needs docker, podman or buildah); PUSH=1 pushes
+	@builder=""; for b in docker podman buildah; do \
+	  if command -v $$b >/dev/null && $$b info >/dev/null 2>&1; then builder=$$b; break; fi; done; \
+	tags=$$($(PY) -m components.images); \
+	if [ -z "$$builder" ]; then \
+	  echo "no working container builder (docker or podman with a running engine, or buildah) on this machine: nothing built."; \
+	  echo "the pipelines name these images:"; echo "$$tags" | sed 's/^/  /'; exit 0; fi; \
+	echo "$$tags" | while read dockerfile tag; do \
+	  echo "building $$tag from images/$$dockerfile with $$builder"; \
+	  $$builder build -f images/$$dockerfile -t $$tag --build-arg GIT_COMMIT=$$(git rev-parse HEAD) . ; \
+	  if [ -n "$${PUSH:-}" ]; then $$builder push $$tag; fi; \
+	done
 
 promote: ## move champion by hand: make promote VERSION=3 REASON="..."
 	$(ZH) promote --version "$(VERSION)" --reason "$(REASON)"

@@ -7,12 +7,10 @@ declared once; ``--preset configs/NAME.yaml`` loads a preset and explicit flags 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from zhllama.config import (
     add_config_arguments,
     build_config,
 )
+from zhllama import stages
 from zhllama.io import InputError
 from zhllama.registry import RegistryError
 from zhllama.tracking import TrackingError
@@ -38,23 +37,10 @@ def _config_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
 
 
-@contextlib.contextmanager
-def _stage_run(args: argparse.Namespace, stage: str, cfg: Any, base_model: str | None = None, tokenizer: str | None = None):
-    """A nested MLflow run for this stage under the pipeline run's parent (see zhllama/tracking.py)."""
-    from zhllama import tracking
+def _where(args: argparse.Namespace):
+    from zhllama.stages import Tracking
 
-    tracker = tracking.Tracker(run_id=args.pipeline_run_id, experiment=args.experiment)
-    known = tracking.lineage(tracker.pipeline_run_id, base_model=base_model, tokenizer_dir=tokenizer)
-    with tracker.stage(stage, cfg, known) as run:
-        run.tracker = tracker
-        yield run
-    print(f"mlflow run       {tracker.run_url(run.run_id)}")
-
-
-def _log_outputs(run, metrics: dict[str, Any], out: str | Path, files: tuple[str, ...]) -> None:
-    run.log_metrics(metrics)
-    for name in files:
-        run.log_artifact(Path(out) / name)
+    return Tracking(pipeline_run_id=args.pipeline_run_id, experiment=args.experiment)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -66,13 +52,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_vocab(args: argparse.Namespace) -> int:
-    from zhllama.vocab import run_vocab
-
     cfg = build_config(VocabConfig, args.preset, _config_overrides(args, VocabConfig))
-    with _stage_run(args, "vocab", cfg) as run:
-        metrics = run_vocab(args.train, args.valid, args.out, cfg, base_tokenizer=args.base_tokenizer)
-        run.add_lineage(_lineage(tokenizer=Path(args.out) / "tokenizer"))
-        _log_outputs(run, metrics, args.out, ("metrics.json", "chinese_sp.vocab"))
+    metrics = stages.vocab(args.train, args.valid, args.out, cfg, base_tokenizer=args.base_tokenizer, where=_where(args))
     base, merged = metrics["base"], metrics["merged"]
     print(f"base tokenizer   {metrics['base_tokenizer']}")
     print(f"vocabulary       {metrics['base_vocab_size']} -> {metrics['merged_vocab_size']} (+{metrics['pieces_added']} pieces)")
@@ -85,18 +66,6 @@ def cmd_vocab(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lineage(base_model: str | Path | None = None, tokenizer: str | Path | None = None) -> dict[str, str]:
-    """Lineage a stage learns from its own outputs."""
-    from zhllama import tracking
-
-    known = {}
-    if base_model:
-        known["base_model_id"] = tracking.model_id(base_model)
-    if tokenizer:
-        known["tokenizer_sha256"] = tracking.tokenizer_sha256(tokenizer)
-    return known
-
-
 def _print_train_summary(metrics: dict[str, Any], out: str) -> None:
     print(f"steps            {metrics['steps']}  ({metrics['train_seconds']:.1f} s, {metrics['tokens_per_second']:.0f} tokens/s)")
     print(f"train loss       {metrics['train_loss_first']:.3f} -> {metrics['train_loss_last']:.3f}")
@@ -107,48 +76,29 @@ def _print_train_summary(metrics: dict[str, Any], out: str) -> None:
 
 
 def cmd_base(args: argparse.Namespace) -> int:
-    from zhllama.modeling import create_base_model
-    from zhllama.vocab import resolve_base_tokenizer
-
     cfg = build_config(BaseModelConfig, args.preset, _config_overrides(args, BaseModelConfig))
-    with _stage_run(args, "base", cfg) as run:
-        info = create_base_model(args.out, resolve_base_tokenizer(args.base_tokenizer), cfg)
-        run.add_lineage(_lineage(base_model=args.out))
-        run.log_metrics(info)
+    info = stages.base(args.out, cfg, args.base_tokenizer, where=_where(args))
     print(f"base model       {args.out}: {info['parameters'] / 1e6:.1f}M parameters, vocab {info['vocab_size']}")
     return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from zhllama.pretrain import run_pretrain
-
     cfg = build_config(PretrainConfig, args.preset, _config_overrides(args, PretrainConfig))
-    with _stage_run(args, f"pretrain_stage{cfg.stage}", cfg, base_model=args.base_model, tokenizer=args.tokenizer) as run:
-        metrics = run_pretrain(args.base_model, args.tokenizer, args.train, args.out, cfg, resume=args.resume, on_log=run.log_step)
-        _log_outputs(run, metrics, args.out, ("metrics.json", "train_log.json"))
+    metrics = stages.pretrain(args.base_model, args.tokenizer, args.train, args.out, cfg, resume=args.resume, where=_where(args))
     _print_train_summary(metrics, args.out)
     return 0
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from zhllama.sft import run_sft
-
     cfg = build_config(SftConfig, args.preset, _config_overrides(args, SftConfig))
-    with _stage_run(args, "sft", cfg, tokenizer=args.model) as run:
-        metrics = run_sft(args.model, args.train, args.valid, args.out, cfg, resume=args.resume, on_log=run.log_step)
-        _log_outputs(run, metrics, args.out, ("metrics.json", "train_log.json"))
+    metrics = stages.sft(args.model, args.train, args.valid, args.out, cfg, resume=args.resume, where=_where(args))
     _print_train_summary(metrics, args.out)
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from zhllama.merge import merge_adapters
-
     cfg = build_config(MergeConfig, args.preset, _config_overrides(args, MergeConfig))
-    with _stage_run(args, args.stage_name, cfg) as run:
-        run.log_params({"adapters": ",".join(args.adapters), "base_model": args.base_model})
-        info = merge_adapters(args.base_model, args.adapters, args.out, args.tokenizer, cfg.low_memory, cfg.max_shard_size)
-        _log_outputs(run, info, args.out, ("zhllama_merge.json",))
+    info = stages.merge(args.base_model, args.adapters, args.out, cfg, args.tokenizer, name=args.stage_name, where=_where(args))
     print(f"merged           {info['adapters']} adapter(s) -> {info['out_dir']} (vocab {info['vocab_size']})")
     return 0
 
@@ -164,20 +114,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from zhllama.evaluate import EvalInputs, run_evaluate
+    from zhllama.evaluate import EvalInputs
 
     cfg = build_config(EvalConfig, args.preset, _config_overrides(args, EvalConfig))
     given = {k: (getattr(args, k) or None) for k in ("tasks", "base_model", "pt_model", "final_model", "vocab", "pt_run", "sft_run")}
     inputs = EvalInputs(text_file=args.text, task_file=given["tasks"], base_model=given["base_model"], pt_merged_model=given["pt_model"],
                         final_model=given["final_model"], vocab_dir=given["vocab"], pt_run=given["pt_run"], sft_run=given["sft_run"])
-    with _stage_run(args, "evaluate", cfg, base_model=given["base_model"]) as run:
-        result = run_evaluate(inputs, args.out, cfg)
-        run.log_metrics(result["summary"])
-        run.log_artifact(args.out, "evaluation")
-        # The parent run shows the headline figures and the report too.
-        parent = run.tracker.parent()
-        parent.log_metrics(result["summary"])
-        parent.log_artifact(Path(args.out) / "report.html")
+    result = stages.evaluate(inputs, args.out, cfg, where=_where(args))
     summary = result["summary"]
     for role in ("base", "pt_merged", "final"):
         if f"{role}_bits_per_char" in summary:
@@ -190,17 +133,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from zhllama import registry, tracking
-
     cfg = build_config(RegisterConfig, args.preset, _config_overrides(args, RegisterConfig))
-    tracker = tracking.Tracker(run_id=args.pipeline_run_id, experiment=args.experiment)
-    result = registry.register(args.model, args.eval, cfg, tracker)
-    tracker.finish()
+    result = stages.register(args.model, args.eval, cfg, where=_where(args))
     print(f"registered       {result['model_name']} version {result['version']} ({result['model_uri']})")
     print(f"decision         {result['decision']}: {result['reason']}")
     for name, figures in result["compared"].items():
         print(f"  {name:<28} challenger {figures['challenger']:.4f}  champion {figures['champion'] if figures['champion'] is None else format(figures['champion'], '.4f')}")
-    print(f"load with        mlflow.pyfunc.load_model('models:/{result['model_name']}@champion')   (tracking URI {tracker.uri})")
+    print(f"load with        mlflow.pyfunc.load_model('models:/{result['model_name']}@champion')   (tracking URI {result['tracking_uri']})")
+    print(f"pipeline run     {result['parent_run_url']}")
     return 0
 
 
@@ -209,6 +149,55 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
     result = registry.promote(args.version, args.reason, args.model_name)
     print(f"champion         {result['model_name']} version {result['version']} (was {result['champion_before'] or 'none'}): {result['reason']}")
+    return 0
+
+
+def _pipelines():
+    """The pipeline code lives beside the library in the checkout (it imports kfp; zhllama does not)."""
+    from zhllama.settings import PROJECT_ROOT
+
+    if str(PROJECT_ROOT) not in sys.path:
+        sys.path.insert(0, str(PROJECT_ROOT))
+    import pipelines.submit
+
+    return pipelines.submit
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    path = _pipelines().compile_pipeline(args.out, args.gpus)
+    print(f"compiled         {path}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    plan = _pipelines().submit(args.host, args.experiment or "zhllama", args.param, args.run_name, args.gpus, args.dry_run)
+    print(json.dumps(plan, ensure_ascii=False, indent=2, default=str))
+    if not plan["submitted"]:
+        print("dry run: nothing submitted")
+    return 0
+
+
+def cmd_retrain_if_changed(args: argparse.Namespace) -> int:
+    from zhllama import registry, tracking
+
+    state = registry.data_changed(args.model_name, tracking.data_dvc_md5())
+    if not state["changed"]:
+        print(f"up to date       champion version {state['champion_version']} was trained on data {state['data_md5']}: nothing to do")
+        return 0
+    print(f"data changed     data.dvc pins {state['data_md5']}; champion {state['champion_version'] or '(none)'} was trained on "
+          f"{state['champion_data_md5'] or '(nothing)'}")
+    if args.host:
+        params = [*args.param, f"data_revision={args.data_revision}"] if args.data_revision else list(args.param)
+        plan = _pipelines().submit(args.host, args.experiment or "zhllama", params, args.run_name, args.gpus, args.dry_run)
+        print(json.dumps(plan, ensure_ascii=False, indent=2, default=str))
+        print("submitted" if plan["submitted"] else "dry run: nothing submitted")
+    elif args.dry_run:
+        print("dry run: would run the pipeline locally (make run)")
+    else:
+        _pipelines()
+        import pipelines.local
+
+        return pipelines.local.main(["--param", *args.param] if args.param else [])
     return 0
 
 
@@ -308,6 +297,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", required=True, help="why; recorded as a version tag")
     p.add_argument("--model_name", default=RegisterConfig().model_name)
     p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("compile", help="compile the Kubeflow pipeline to YAML (the file to upload in the UI)")
+    p.add_argument("--out", default=None, help="default: pipelines/chinese_llama_alpaca[_gpu].yaml")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs per training step (the CUDA image); 0: the CPU pipeline")
+    p.set_defaults(func=cmd_compile)
+
+    def submit_options(p: argparse.ArgumentParser, host_required: bool) -> None:
+        p.add_argument("--host", required=host_required, default=None, help="Kubeflow Pipelines endpoint (auth: $KF_PIPELINES_TOKEN or kube config)")
+        p.add_argument("--experiment", default=None, help="Kubeflow experiment (default: zhllama)")
+        p.add_argument("--run_name", default=None)
+        p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a pipeline parameter, e.g. pt_lora_rank=16 (repeatable)")
+        p.add_argument("--gpus", type=int, default=0, help="GPUs per training step (the CUDA pipeline variant)")
+        p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="print what would be submitted; send nothing")
+
+    p = sub.add_parser("submit", help="compile and submit the pipeline to a Kubeflow Pipelines endpoint")
+    submit_options(p, host_required=True)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("retrain-if-changed", help="retrain when data.dvc differs from the data the MLflow champion was trained on")
+    submit_options(p, host_required=False)
+    p.add_argument("--model_name", default=RegisterConfig().model_name)
+    p.add_argument("--data_revision", default=None, help="pipeline data_revision to submit (CI: the pushed commit)")
+    p.set_defaults(func=cmd_retrain_if_changed)
 
     p = sub.add_parser("services", help="start/stop/check the local object store and MLflow server")
     p.add_argument("action", choices=["up", "down", "status"])

@@ -37,7 +37,7 @@ def _positive(cfg: object, *names: str) -> None:
 class VocabConfig:
     """Train a Chinese SentencePiece model and merge it into a base LLaMA tokenizer."""
 
-    vocab_size: int = doc("Pieces in the Chinese SentencePiece model (the recipe: 20000; its spm_train example: 4000).", default=8000)
+    vocab_size: int = doc("Pieces in the Chinese SentencePiece model (the recipe's chinese_sp.model: 20000).", default=20000)
     model_type: str = doc("SentencePiece model type: bpe (the recipe's) or unigram.", default="bpe")
     character_coverage: float = doc("Share of characters covered by the model (the recipe's 0.9995).", default=0.9995)
     input_sentence_size: int = doc("Sentences sampled from the corpus for training (big corpora); 0 = all.", default=2_000_000)

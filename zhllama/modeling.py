@@ -163,3 +163,31 @@ def copy_sp_model(tokenizer, out_dir: Path) -> None:
     source = Path(getattr(tokenizer, "name_or_path", "")) / "tokenizer.model"
     if source.is_file() and not (out_dir / "tokenizer.model").exists():
         shutil.copyfile(source, out_dir / "tokenizer.model")
+
+
+def fetch_model(uri: str, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Copy a Hugging Face model directory from a local path or ``s3://bucket/prefix`` (credentials
+    and endpoint from the environment) into ``out_dir``, whole or not at all."""
+    import shutil
+
+    with atomic_dir(out_dir) as tmp:
+        if uri.startswith("s3://"):
+            import boto3
+
+            bucket, _, prefix = uri[len("s3://"):].partition("/")
+            client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+            keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
+                    for o in page.get("Contents", [])]
+            if not keys:
+                raise InputError(f"{uri}: no objects under this prefix")
+            for key in keys:
+                target = tmp / key[len(prefix.rstrip("/")) + 1 :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, key, str(target))
+        elif "://" in uri:
+            raise InputError(f"{uri}: base model URI must be a directory path or s3://bucket/prefix (nothing is fetched from model hubs)")
+        else:
+            shutil.copytree(check_model_dir(uri), tmp, dirs_exist_ok=True)
+        check_model_dir(tmp)
+    config = (Path(out_dir) / "config.json").read_text(encoding="utf-8")
+    return {"source": uri, "config_bytes": len(config)}

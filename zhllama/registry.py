@@ -265,3 +265,13 @@ def promote(version: str | int, reason: str, model_name: str, uri: str | None = 
             client.set_model_version_tag(model_name, version, key, value)
     log.info("%s: champion %s -> %s (%s)", model_name, previous or "none", version, reason)
     return {"model_name": model_name, "version": version, "champion_before": previous, "reason": reason}
+
+
+def data_changed(model_name: str, data_md5: str, uri: str | None = None) -> dict[str, Any]:
+    """Does ``data_md5`` (what data.dvc pins now) differ from the data the champion was trained on?
+    No champion counts as changed: there is nothing trained on any data yet."""
+    client = tracking.client(uri)
+    champion = champion_version(client, model_name)
+    trained_on = champion.tags.get("zhllama.data_dvc_md5") if champion is not None else None
+    return {"changed": trained_on != data_md5, "data_md5": data_md5, "champion_version": champion.version if champion else None,
+            "champion_data_md5": trained_on}

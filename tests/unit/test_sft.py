@@ -2,7 +2,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import tiny_train_args
 from zhllama.config import SftConfig

@@ -1,0 +1,83 @@
+"""Compile the pipeline and submit it to a Kubeflow Pipelines endpoint (``zhllama submit``).
+
+Parameters are checked against the pipeline's own (name and type) before anything is sent,
+so a typo fails here, not on the cluster.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pipelines.parameters import pipeline_parameters
+from zhllama.io import InputError
+from zhllama.settings import PROJECT_ROOT
+
+COMPILED = {0: PROJECT_ROOT / "pipelines" / "chinese_llama_alpaca.yaml", 1: PROJECT_ROOT / "pipelines" / "chinese_llama_alpaca_gpu.yaml"}
+
+
+def compile_pipeline(out: str | os.PathLike[str] | None = None, gpus: int = 0) -> Path:
+    """Write the compiled pipeline YAML (the file a user uploads in the Kubeflow UI)."""
+    from kfp import compiler
+
+    from pipelines.chinese_llama_alpaca import build_pipeline
+
+    path = Path(out) if out else COMPILED[1 if gpus else 0]
+    tmp = path.with_name(f".{path.stem}.tmp.yaml")  # the compiler insists on .yaml
+    compiler.Compiler().compile(build_pipeline(gpus), str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def _convert(name: str, tp: type, text: str) -> Any:
+    try:
+        if tp is bool:
+            lowered = text.lower()
+            if lowered not in {"true", "false", "1", "0", "yes", "no"}:
+                raise ValueError("expected true or false")
+            return lowered in {"true", "1", "yes"}
+        if tp is list:
+            value = json.loads(text) if text.startswith("[") else [item.strip() for item in text.split(",") if item.strip()]
+            if not isinstance(value, list):
+                raise ValueError("expected a JSON list or comma-separated items")
+            return value
+        return tp(text)
+    except ValueError as err:
+        raise InputError(f"--param {name}={text!r}: not a {tp.__name__} ({err})") from None
+
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """``name=value`` strings as typed pipeline arguments; unknown names and bad values are errors."""
+    known = {name: tp for name, tp, _ in pipeline_parameters()}
+    args: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep:
+            raise InputError(f"--param {pair!r}: expected NAME=VALUE")
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            raise InputError(f"--param {name}: not a pipeline parameter" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        args[name] = _convert(name, known[name], text)
+    return args
+
+
+def submit(host: str, experiment: str, params: list[str], run_name: str | None = None, gpus: int = 0, dry_run: bool = False,
+           package: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Compile, then create a run on ``host`` (auth from ``KF_PIPELINES_*`` env / kube config, as
+    ``kfp.Client`` reads them). ``dry_run`` returns what would be sent and sends nothing."""
+    arguments = parse_params(params)
+    package_path = Path(package) if package else PROJECT_ROOT / ".kfp_outputs" / "submit" / COMPILED[1 if gpus else 0].name
+    package_path.parent.mkdir(parents=True, exist_ok=True)
+    compile_pipeline(package_path, gpus)
+    plan = {"host": host, "experiment": experiment, "run_name": run_name, "package": str(package_path), "arguments": arguments}
+    if dry_run:
+        return {**plan, "submitted": False}
+    import kfp
+
+    client = kfp.Client(host=host, existing_token=os.environ.get("KF_PIPELINES_TOKEN") or None)
+    run = client.create_run_from_pipeline_package(str(package_path), arguments=arguments, experiment_name=experiment, run_name=run_name,
+                                                  enable_caching=True)
+    return {**plan, "submitted": True, "run_id": run.run_id, "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}

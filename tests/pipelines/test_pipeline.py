@@ -1,0 +1,103 @@
+"""The DAG: its parameters, the compiled YAML in sync with the code, submit's argument handling."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.parameters import RUN_PARAMETERS, STAGES, arguments_from_preset, pipeline_parameters, stage_arguments
+from pipelines.submit import COMPILED, compile_pipeline, parse_params
+from zhllama import config
+from zhllama.config import PRESET_SECTIONS, build_config
+from zhllama.io import InputError
+from zhllama.settings import PROJECT_ROOT
+
+
+def test_every_config_field_is_a_prefixed_pipeline_parameter_with_its_default() -> None:
+    import dataclasses
+
+    params = {name: default for name, _, default in pipeline_parameters()}
+    for prefix, (cls, dag_set) in STAGES.items():
+        for field in dataclasses.fields(cls):
+            if field.name in dag_set:
+                assert prefix + field.name not in params
+                continue
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            assert params[prefix + field.name] == default
+    assert {name for name, *_ in RUN_PARAMETERS} <= set(params)
+    assert params["vocab_vocab_size"] == 20000 and params["pt_lora_rank"] == 8 and params["pt_lora_alpha"] == 32.0  # the recipe's
+
+
+def test_stage_arguments_do_not_take_run_wide_parameters_sharing_the_prefix() -> None:
+    values = {name: default for name, _, default in pipeline_parameters()}
+    assert "model_uri" not in stage_arguments(values, "base_")
+    assert "stage1" not in stage_arguments(values, "pt_") and "stage1_max_steps" not in stage_arguments(values, "pt_")
+
+
+def test_every_preset_maps_onto_pipeline_parameters() -> None:
+    for preset in sorted((PROJECT_ROOT / "configs").glob("*.yaml")):
+        args = arguments_from_preset(yaml.safe_load(preset.read_text(encoding="utf-8")))
+        assert args, preset
+        for class_name in PRESET_SECTIONS:  # and every section builds a valid config
+            build_config(getattr(config, class_name), preset)
+
+
+@pytest.mark.parametrize("gpus", [0, 1], ids=["cpu", "gpu"])
+def test_checked_in_yaml_is_in_sync_with_the_code(tmp_path: Path, gpus: int, monkeypatch) -> None:
+    monkeypatch.delenv("ZHLLAMA_IMAGE_REGISTRY", raising=False)
+    fresh = compile_pipeline(tmp_path / "fresh.yaml", gpus)
+    committed = COMPILED[gpus]
+    assert committed.is_file(), f"{committed} missing: run make compile"
+    fresh_docs, committed_docs = list(yaml.safe_load_all(fresh.read_text())), list(yaml.safe_load_all(committed.read_text()))
+    assert fresh_docs == committed_docs, f"{committed.name} is stale: run make compile"
+
+
+def test_compiled_pipeline_shape() -> None:
+    spec = next(yaml.safe_load_all(COMPILED[1].read_text()))
+    root_inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert root_inputs["pt_lora_rank"]["defaultValue"] == 8 and root_inputs["pt_stage1"]["parameterType"] == "BOOLEAN"
+    tasks = spec["root"]["dag"]["tasks"]
+    assert {"prerequisites", "data", "base", "vocab"} <= set(tasks)
+    assert tasks["prerequisites"]["cachingOptions"] == {} and tasks["data"]["cachingOptions"]["enableCache"]
+    text = COMPILED[1].read_text()
+    assert "nvidia.com/gpu" in text and "zhllama-cuda:" in text
+    assert "AWS_SECRET_ACCESS_KEY" in text and "zhllama-local-only" not in text  # credentials by secret name, never values
+    assert "metadata.labels['pipeline/runid']" in text
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zhllama.cli", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_submit_dry_run_prints_the_plan_and_sends_nothing() -> None:
+    done = _cli("submit", "--host", "http://kubeflow.invalid:8888", "--experiment", "exp", "--param", "pt_lora_rank=16",
+                "--param", "pt_stage1=true", "--param", "pt_lora_target_modules=q_proj,v_proj", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout[: done.stdout.rindex("}") + 1])
+    assert plan["submitted"] is False and plan["host"] == "http://kubeflow.invalid:8888" and plan["experiment"] == "exp"
+    assert plan["arguments"] == {"pt_lora_rank": 16, "pt_stage1": True, "pt_lora_target_modules": ["q_proj", "v_proj"]}
+    assert Path(plan["package"]).is_file()
+
+
+BAD_PARAMS = [
+    ("unknown name", "pt_lora_rnk=16", "not a pipeline parameter (did you mean pt_lora_rank"),
+    ("wrong type", "pt_lora_rank=sixteen", "not a int"),
+    ("bad bool", "pt_stage1=maybe", "expected true or false"),
+    ("no value", "pt_lora_rank", "expected NAME=VALUE"),
+]
+
+
+@pytest.mark.parametrize(("case", "param", "message"), BAD_PARAMS, ids=[c[0] for c in BAD_PARAMS])
+def test_bad_submit_parameters_fail_clearly(case, param, message) -> None:
+    with pytest.raises(InputError, match=message.replace("(", r"\(")):
+        parse_params([param])
+    done = _cli("submit", "--host", "http://kubeflow.invalid", "--param", param, "--dry-run")
+    assert done.returncode == 2 and message.split(" (")[0] in done.stderr and "Traceback" not in done.stderr
+
+
+def test_submit_needs_a_host() -> None:
+    done = _cli("submit", "--dry-run")
+    assert done.returncode == 2 and "--host" in done.stderr
