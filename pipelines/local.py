@@ -103,7 +103,7 @@ def where_to_look(run_id: str, arguments: dict[str, Any], pipeline_root: Path) -
     from zhllama.config import RegisterConfig
 
     reports = sorted(pipeline_root.rglob("report"), key=lambda p: p.stat().st_mtime)
-    found: dict[str, Any] = {"report": str(reports[-1]) if reports else None}
+    found: dict[str, Any] = {"report": str(reports[-1]) if reports else None}  # the newest one written
     try:
         tracker = tracking.Tracker(run_id=run_id, experiment=arguments.get("mlflow_experiment"))
         parent = tracker._find_parent()

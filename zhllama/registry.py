@@ -203,7 +203,7 @@ def register(model_dir: str | os.PathLike[str], eval_dir: str | os.PathLike[str]
             raise
         run.log_metrics({"registered_version": int(version.version), "promoted": int(decision["promoted"])})
         run.set_tags({"zhllama.registered_version": version.version, DECISION_TAG: decision["decision"]})
-    result = {"model_name": cfg.model_name, "version": version.version, "model_uri": model_info.model_uri,
+    result = {"model_name": cfg.model_name, "version": str(version.version), "model_uri": model_info.model_uri,
               "run_id": run.run_id, **decision}
     log.info("registered %s version %s: %s (%s)", cfg.model_name, version.version, decision["decision"], decision["reason"])
     return result

@@ -28,9 +28,19 @@ class Tracking:
     experiment: str | None = None
 
 
+class _Untracked:
+    """What ranks other than 0 of a torchrun launch get: rank 0 alone talks to MLflow."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
 @contextlib.contextmanager
 def stage_run(where: Tracking | None, stage: str, cfg: Any, base_model: PathLike | None = None,
               tokenizer: PathLike | None = None) -> Iterator[tracking.StageRun]:
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield _Untracked()  # type: ignore[misc]
+        return
     where = where or Tracking()
     tracker = tracking.Tracker(run_id=where.pipeline_run_id, experiment=where.experiment)
     known = tracking.lineage(tracker.pipeline_run_id, base_model=base_model, tokenizer_dir=tokenizer)

@@ -79,7 +79,7 @@ def test_chain_by_cli_leaves_nested_runs_report_and_champion(server_tracking, tm
     evaluation = {a.path for a in client.list_artifacts(by_name["evaluate"].info.run_id, "evaluation")}
     assert {"evaluation/report.html", "evaluation/metrics.json", "evaluation/plots"} <= evaluation
     assert "report.html" in {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert "final_bits_per_char" in parent.data.metrics
+    assert "sft_test_loss" in parent.data.metrics
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.version == "1" and champion.tags[registry.STATE_TAG] == "ready"
     assert champion.tags["zhllama.data_dvc_md5"] == tracking.data_dvc_md5()
@@ -106,17 +106,17 @@ def test_worse_version_is_challenger_better_one_takes_champion_manual_promotion(
     cfg = RegisterConfig(model_name=name)
     base = read_json(eval_run / "metrics.json")["summary"]
     first = registry.register(tiny_final, eval_run, cfg)
-    worse = registry.register(tiny_final, _eval_with(eval_run, tmp_path, final_bits_per_char=base["final_bits_per_char"] + 0.5), cfg)
+    worse = registry.register(tiny_final, _eval_with(eval_run, tmp_path, sft_test_loss=base["sft_test_loss"] + 0.5), cfg)
     client = tracking.client()
-    assert worse["decision"] == "kept champion" and "worse on final_bits_per_char" in worse["reason"]
+    assert worse["decision"] == "kept champion" and "worse on sft_test_loss" in worse["reason"]
     assert client.get_model_version_by_alias(name, "champion").version == first["version"]
     challenger = client.get_model_version_by_alias(name, "challenger")
     assert challenger.version == worse["version"]
     compared = json.loads(challenger.tags["promotion.compared"])
-    assert compared["final_bits_per_char"]["champion"] == pytest.approx(base["final_bits_per_char"])
+    assert compared["sft_test_loss"]["champion"] == pytest.approx(base["sft_test_loss"])
     assert challenger.tags["promotion.champion_before"] == first["version"]
 
-    better = registry.register(tiny_final, _eval_with(eval_run, tmp_path, final_bits_per_char=base["final_bits_per_char"] - 0.5), cfg)
+    better = registry.register(tiny_final, _eval_with(eval_run, tmp_path, sft_test_loss=base["sft_test_loss"] - 0.5), cfg)
     assert better["decision"] == "promoted"
     assert client.get_model_version_by_alias(name, "champion").version == better["version"]
 
@@ -141,9 +141,9 @@ def test_failure_after_version_creation_leaves_no_version(server_tracking, tiny_
 
 def test_racing_registrations_both_get_versions_and_consistent_aliases(server_tracking, tmp_path, tiny_final, eval_run) -> None:
     name = _name()
-    base = read_json(eval_run / "metrics.json")["summary"]["final_bits_per_char"]
-    evals = {"worse": _eval_with(eval_run, tmp_path, final_bits_per_char=base + 1.0),
-             "better": _eval_with(eval_run, tmp_path, final_bits_per_char=base - 1.0)}
+    base = read_json(eval_run / "metrics.json")["summary"]["sft_test_loss"]
+    evals = {"worse": _eval_with(eval_run, tmp_path, sft_test_loss=base + 1.0),
+             "better": _eval_with(eval_run, tmp_path, sft_test_loss=base - 1.0)}
     env = {**os.environ, "ZHLLAMA_PIPELINE_RUN_ID": f"race-{uuid.uuid4().hex[:6]}"}
     procs = {label: subprocess.Popen([sys.executable, "-m", "zhllama.cli", "register", "--model", str(tiny_final), "--eval", str(path),
                                       "--model_name", name], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -156,7 +156,7 @@ def test_racing_registrations_both_get_versions_and_consistent_aliases(server_tr
     assert all(v.tags[registry.STATE_TAG] == "ready" for v in versions)
     champion = client.get_model_version_by_alias(name, "champion")
     # whichever came first, the better one ends champion and says so
-    assert float(champion.tags["metric.final_bits_per_char"]) == pytest.approx(base - 1.0)
+    assert float(champion.tags["metric.sft_test_loss"]) == pytest.approx(base - 1.0)
     assert champion.tags["promotion.decision"] == "promoted"
     other = next(v for v in versions if v.version != champion.version)
     # The tags tell one story in the order the lock gave: first promoted with no champion, second compared.

@@ -21,7 +21,7 @@ CASES = [
 
 @pytest.mark.parametrize(("case", "candidate", "rule", "promote", "reason"), CASES, ids=[c[0] for c in CASES])
 def test_gate(case, candidate, rule, promote, reason) -> None:
-    cfg = RegisterConfig(promotion_metrics=RULE, **rule)
+    cfg = RegisterConfig(promotion_metrics=RULE, **{"max_regression": 0.0, **rule})
     new = candidate or {"final_bits_per_char": 6.0, "task_accuracy_loglik": 0.1}
     decided, why, compared = gate(new, CHAMPION if candidate is not None else None, cfg)
     assert decided is promote and reason in why
