@@ -51,6 +51,13 @@ def read_alpaca(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     if not stripped:
         raise InputError(f"{path}: instruction file is empty")
     records: list[dict[str, str]] = []
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None  # JSONL (or broken JSON, reported below with its line)
+    if whole is not None and not isinstance(whole, list) and not (isinstance(whole, dict) and "instruction" in whole):
+        shape = f"an object with keys {sorted(whole)[:5]}" if isinstance(whole, dict) else f"a {type(whole).__name__}"
+        raise InputError(f"{path}: expected a JSON list of records or JSONL (one record per line), got {shape}")
     if stripped.startswith("["):
         try:
             data = json.loads(text)

@@ -110,6 +110,11 @@ def train_sentencepiece(corpus_files: Sequence[str | os.PathLike[str]], out_dir:
                 f"{', '.join(map(str, corpus_files))}: the corpus cannot support vocab_size={cfg.vocab_size} "
                 f"({message.strip().splitlines()[-1]}); lower --vocab_size or add text"
             ) from None
+        if "sentences_.empty()" in message:
+            raise InputError(
+                f"{', '.join(map(str, corpus_files))}: no line is shorter than max_sentence_length={cfg.max_sentence_length} bytes "
+                "(the trainer skips longer lines): put one document or paragraph per line, or raise --max_sentence_length"
+            ) from None
         raise
     return prefix.with_suffix(".model")
 

@@ -48,7 +48,7 @@ BAD_FILES = [
     ("malformed-json", '[\n{"instruction": "a", "output": "b"},\n{"instruction": }\n]', r"bad\.jsonl:3: malformed JSON"),
     ("missing-output", '{"instruction": "a", "input": "b"}\n', r"bad\.jsonl:1: missing field 'output'"),
     ("non-string", '{"instruction": "a", "output": 5}\n', r"field 'output' must be a string"),
-    ("wrong-shape", '{"data": []}', r"missing field 'instruction'"),
+    ("wrong-shape", '{"data": []}', r"expected a JSON list of records or JSONL"),
     ("not-an-object", '["just", "strings"]', r"record 0: expected an object"),
     ("empty", "  \n", r"instruction file is empty"),
 ]
