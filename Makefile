@@ -23,7 +23,7 @@ export ZHLLAMA_PIPELINE_RUN_ID := make-$(shell date +%Y%m%d-%H%M%S)
 endif
 ZH           = $(TRACK_ENV) && $(PY) -m zhllama.cli
 
-.PHONY: help setup lock test test-fast services services-down services-status data data-push data-pull vocab base chain evaluate register compile run images promote generate clean
+.PHONY: help setup lock test test-fast services services-down services-status data data-push data-pull vocab base chain evaluate register compile run images promote generate bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -94,6 +94,11 @@ run: ## the whole DAG on this machine through kfp.local (services, default data 
 	@$(PY) -m zhllama.services status >/dev/null 2>&1 || $(MAKE) services
 	test -d data || $(MAKE) data
 	$(SERVICE_ENV) && $(PY) -m pipelines.local --preset $(PRESET) $(RUN_ARGS)
+
+bench: ## zhllama vs the seed-literal recipe baseline, and merge, vocab, scale, pipeline figures (~20 min; runs/bench/bench.md)
+	@$(PY) -m zhllama.services status >/dev/null 2>&1 || $(MAKE) services
+	test -d data || $(MAKE) data
+	$(SERVICE_ENV) && $(PY) -m benchmarks.bench $(BENCH_ARGS)
 
 images: ## build the CPU and CUDA images with the version tag (needs docker, podman or buildah); PUSH=1 pushes
 	@builder=""; for b in docker podman buildah; do \

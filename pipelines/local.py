@@ -127,11 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a pipeline parameter (JSON value or text)")
     parser.add_argument("--no-cache", action="store_true")
     parser.add_argument("--summary", default=None, help="also write the timings as JSON here")
+    parser.add_argument("--pipeline-root", default=str(OUTPUTS), help="where the steps' artifacts go")
+    parser.add_argument("--cache-root", default=str(CACHE), help="kfp.local's cache of finished steps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from pipelines.submit import parse_params
 
-    result = run_local(args.preset, parse_params(args.param), caching=not args.no_cache)
+    result = run_local(args.preset, parse_params(args.param), caching=not args.no_cache, pipeline_root=Path(args.pipeline_root),
+                       cache_root=Path(args.cache_root))
     print("\n== zhllama pipeline (kfp.local) ==")
     print(f"pipeline run     {result['pipeline_run_id']}   total {result['total_seconds']:.1f} s")
     for step, seconds in result["step_seconds"].items():

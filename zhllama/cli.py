@@ -26,7 +26,7 @@ from zhllama.config import (
     build_config,
 )
 from zhllama import stages
-from zhllama.io import InputError
+from zhllama.io import InputError, OutputError, write_failure
 from zhllama.registry import RegistryError
 from zhllama.tracking import TrackingError
 
@@ -342,6 +342,16 @@ def main(argv: list[str] | None = None) -> int:
         # One clear line for bad input; the traceback helps nobody here.
         print(f"zhllama {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OutputError as err:  # the machine, not the input: exit 1
+        print(f"zhllama {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        reason = write_failure(err)
+        if reason is None:
+            raise
+        print(f"zhllama {args.command}: error: {err.filename or 'output'}: cannot write ({reason}): free space or fix permissions, then re-run",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -26,18 +27,50 @@ class InputError(ValueError):
     """Bad input: the message names the file (and line or field) and what was expected."""
 
 
+class OutputError(OSError):
+    """An output cannot be written (disk full, file size limit, no permission, read-only
+    file system): the message names the output; nothing half-written is left there."""
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
+# safetensors (Rust) and torch.save report the OS error only in their message
+_WRITE_ERROR_TEXTS = ("No space left on device", "Disk quota exceeded", "File too large", "Permission denied", "Read-only file system")
+
+
+def write_failure(err: BaseException) -> str | None:
+    """The reason when ``err`` means "this cannot be written here", else None."""
+    if isinstance(err, OSError) and err.errno in _WRITE_ERRNOS:
+        return err.strerror or os.strerror(err.errno)
+    text = str(err)
+    return next((t for t in _WRITE_ERROR_TEXTS if t in text), None)
+
+
+def _output_error(target: Path, err: BaseException) -> OutputError | None:
+    reason = write_failure(err)
+    if reason is None or isinstance(err, OutputError):
+        return None
+    return OutputError(f"{target}: cannot write the output ({reason}); nothing was left there: free space or fix permissions, then re-run")
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike[str], overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; rename it to ``target`` when the block
-    succeeds, delete it when the block raises. Readers never see a half-written output."""
+    succeeds, delete it when the block raises. Readers never see a half-written output; a
+    full disk or a denied write becomes one ``OutputError`` naming ``target``."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as err:
+        raise (_output_error(target, err) or err) from None
     tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes 0700; outputs get the usual permissions
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        failure = _output_error(target, err)
+        if failure is not None:
+            raise failure from err
         raise
     if target.exists():
         if not overwrite:
@@ -55,17 +88,23 @@ def atomic_dir(target: str | os.PathLike[str], overwrite: bool = True) -> Iterat
 def atomic_file(target: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
     """Open a temp file beside ``target`` for writing; rename it into place when whole."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    except OSError as err:
+        raise (_output_error(target, err) or err) from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600
     try:
         with open(tmp, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        failure = _output_error(target, err)
+        if failure is not None:
+            raise failure from err
         raise
 
 

@@ -116,17 +116,22 @@ def resize_embeddings(model, tokenizer, base_tokenizer=None, init: str = "mean_o
     """Resize embed_tokens and lm_head to ``len(tokenizer)``. New rows: with
     ``mean_of_pieces``, the mean of the base rows of the pieces the base tokenizer splits the
     new token's text into (falling back to the mean of all old rows when it splits into none);
-    with ``default``, the library's own init. Old rows are untouched."""
+    with ``mean``, the mean of all old rows (transformers' own resize); with ``default``, the
+    library's random init. Old rows are untouched."""
     old, _ = vocab_rows(model)
     new = len(tokenizer)
     if new == old:
         return {"old": old, "new": new, "initialised_from_pieces": 0}
     if new < old:
         raise InputError(f"tokenizer has {new} tokens, fewer than the model's {old} rows: wrong tokenizer?")
-    if init not in {"mean_of_pieces", "default"}:
-        raise ValueError(f"init must be 'mean_of_pieces' or 'default', got {init!r}")
+    if init not in {"mean_of_pieces", "mean", "default"}:
+        raise ValueError(f"init must be 'mean_of_pieces', 'mean' or 'default', got {init!r}")
     model.resize_token_embeddings(new, mean_resizing=False)
     from_pieces = 0
+    if init == "mean":  # what transformers' mean_resizing amounts to (its sampling noise is scaled by 1e-9)
+        with torch.no_grad():
+            for matrix in {id(m): m for m in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}.values():
+                matrix[old:] = matrix[:old].mean(0)
     if init == "mean_of_pieces":
         inp = model.get_input_embeddings().weight.data
         out = model.get_output_embeddings().weight.data

@@ -180,13 +180,27 @@ def register(model_dir: str | os.PathLike[str], eval_dir: str | os.PathLike[str]
         if name not in summary:
             raise InputError(f"{eval_dir}/metrics.json: no metric {name!r} for the promotion gate; it has {', '.join(sorted(summary))}")
     tracker = tracker or tracking.Tracker()  # fails fast, with one message, when the server is down
+    try:
+        return _register(model_dir, summary, cfg, tracker)
+    except Exception as err:
+        if tracking.server_up(tracker.uri):
+            raise
+        raise RegistryError(
+            f"MLflow at {tracker.uri} stopped answering during registration ({type(err).__name__}). A version created before "
+            f"the outage stays {STATE_TAG}=pending (`zhllama promote` refuses it); re-running this registration for the same "
+            "pipeline run, once the server is back, removes it (restoring champion if it had moved) and registers once"
+        ) from None
+
+
+def _register(model_dir: Path, summary: dict[str, float], cfg: RegisterConfig, tracker: tracking.Tracker) -> dict[str, Any]:
     client = tracker.client
+    _remove_abandoned(client, cfg.model_name, tracker.pipeline_run_id)
     known = tracking.lineage(tracker.pipeline_run_id)
     with tracker.stage("register", cfg, known) as run:
         model_info = log_pyfunc_model(model_dir, run.run_id, tracker.uri)
         version = None
         try:
-            version = _create_version(client, cfg.model_name, model_info, run.run_id)
+            version = _create_version(client, cfg.model_name, model_info, run.run_id, tracker.pipeline_run_id)
             lineage = client.get_run(run.run_id).data.tags
             tags = {METRIC_TAG + k: repr(float(v)) for k, v in summary.items()}
             tags.update({f"zhllama.{k}": lineage.get(f"zhllama.{k}", tracking.UNKNOWN) for k in tracking.LINEAGE_KEYS})
@@ -196,7 +210,7 @@ def register(model_dir: str | os.PathLike[str], eval_dir: str | os.PathLike[str]
             decision = _promote_by_gate(client, cfg, version.version, summary)
             client.set_model_version_tag(cfg.model_name, version.version, STATE_TAG, "ready")
         except BaseException:
-            if version is not None:
+            if version is not None and tracking.server_up(tracker.uri):
                 with contextlib.suppress(Exception):
                     client.delete_model_version(cfg.model_name, version.version)
                     log.warning("registration failed: deleted the half-registered version %s", version.version)
@@ -209,14 +223,39 @@ def register(model_dir: str | os.PathLike[str], eval_dir: str | os.PathLike[str]
     return result
 
 
-def _create_version(client, name: str, model_info, run_id: str):
+def _create_version(client, name: str, model_info, run_id: str, pipeline_run_id: str):
     from mlflow.exceptions import MlflowException
 
     with contextlib.suppress(MlflowException):  # exists already
         client.create_registered_model(name, description="Chinese-LLaMA-Alpaca models trained by zhllama")
-    version = client.create_model_version(name, source=model_info.model_uri, run_id=run_id, tags={STATE_TAG: "pending"},
-                                          model_id=model_info.model_id)
-    return version
+    tags = {STATE_TAG: "pending", tracking.PIPELINE_RUN_TAG: pipeline_run_id}
+    return client.create_model_version(name, source=model_info.model_uri, run_id=run_id, tags=tags, model_id=model_info.model_id)
+
+
+def _remove_abandoned(client, name: str, pipeline_run_id: str) -> list[str]:
+    """Delete the versions an earlier attempt of this pipeline run left pending: the server died
+    before that attempt could delete them. (Versions of other pipeline runs are never touched.)"""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return []
+    removed = []
+    for version in versions:
+        if version.tags.get(STATE_TAG) == "pending" and version.tags.get(tracking.PIPELINE_RUN_TAG) == pipeline_run_id:
+            full = client.get_model_version(name, version.version)  # search results carry no aliases
+            if CHAMPION in full.aliases:  # it died between moving champion and marking itself ready
+                before = full.tags.get("promotion.champion_before")
+                if before:
+                    client.set_registered_model_alias(name, CHAMPION, before)
+                else:
+                    client.delete_registered_model_alias(name, CHAMPION)
+            client.delete_model_version(name, version.version)
+            removed.append(version.version)
+    if removed:
+        log.warning("removed version(s) %s of %s, left pending by a failed earlier attempt of pipeline run %s", removed, name, pipeline_run_id)
+    return removed
 
 
 def _promote_by_gate(client, cfg: RegisterConfig, version: str, summary: dict[str, float]) -> dict[str, Any]:
@@ -225,20 +264,16 @@ def _promote_by_gate(client, cfg: RegisterConfig, version: str, summary: dict[st
         current = champion_version(client, name)
         champion_metrics = version_metrics(current) if current is not None else None
         promote, reason, compared = gate(summary, champion_metrics, cfg)
-        client.set_registered_model_alias(name, CHALLENGER, version)
         previous = current.version if current is not None else ""
+        decision = "promoted" if promote else "kept champion"
+        # The record first, the aliases last: a failure part-way never leaves a moved alias without
+        # the tag that says where it was (_remove_abandoned puts it back from there).
+        for key, value in {DECISION_TAG: decision, "promotion.reason": reason, "promotion.compared": json.dumps(compared),
+                           "promotion.champion_before": previous}.items():
+            client.set_model_version_tag(name, version, key, value)
+        client.set_registered_model_alias(name, CHALLENGER, version)
         if promote:
             client.set_registered_model_alias(name, CHAMPION, version)
-        try:
-            decision = "promoted" if promote else "kept champion"
-            for key, value in {DECISION_TAG: decision, "promotion.reason": reason, "promotion.compared": json.dumps(compared),
-                               "promotion.champion_before": previous}.items():
-                client.set_model_version_tag(name, version, key, value)
-        except BaseException:
-            if promote and previous:  # put the old champion back before the version is removed
-                with contextlib.suppress(Exception):
-                    client.set_registered_model_alias(name, CHAMPION, previous)
-            raise
     return {"decision": decision, "promoted": promote, "reason": reason, "compared": compared, "champion_before": previous}
 
 

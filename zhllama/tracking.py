@@ -70,6 +70,16 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def server_up(uri: str, timeout: float = 5.0) -> bool:
+    """Does the tracking server answer now? (Always True for a local store.) Cleanup paths ask
+    first: against a dead server every MLflow call retries for minutes before failing."""
+    try:
+        check_server(uri, timeout)
+    except TrackingError:
+        return False
+    return True
+
+
 def client(uri: str | None = None):
     from mlflow import MlflowClient
 
@@ -340,10 +350,11 @@ class Tracker:
             yield stage_run
             stage_run.flush()
         except BaseException:
-            stage_run.flush(strict=False)
-            with contextlib.suppress(Exception):
-                self.client.set_terminated(stage_run.run_id, "FAILED")
-                self.client.set_terminated(parent, "FAILED")
+            if server_up(self.uri):  # else the runs stay RUNNING: a dead server can be told nothing
+                stage_run.flush(strict=False)
+                with contextlib.suppress(Exception):
+                    self.client.set_terminated(stage_run.run_id, "FAILED")
+                    self.client.set_terminated(parent, "FAILED")
             raise
         self.client.set_terminated(stage_run.run_id, "FINISHED")
 

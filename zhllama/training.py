@@ -141,15 +141,86 @@ def pad_rows(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[s
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum over rows of cross-entropy(hidden @ weight.T, target), in row chunks, with both
+    gradients computed chunk by chunk in the forward pass: the [rows, vocab] logits (and their
+    softmax and gradient) never exist whole. Same matmuls as the plain path, ~1/chunks of its
+    memory traffic for the vocabulary-sized tensors. Always fp32 (no fp16 logits overflow)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int, grads: bool) -> torch.Tensor:
+        need_h = grads and ctx.needs_input_grad[0]  # forward runs with grad mode off: ``grads`` says how it was called
+        need_w = grads and ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start : start + chunk], target[start : start + chunk]
+            logits = (h @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(y), device=y.device), y] -= 1.0  # d loss / d logits
+                if need_h:
+                    grad_h[start : start + chunk] = probs @ weight
+                if need_w:
+                    grad_w += probs.t() @ h  # not addmm_: in-place ops escape autocast
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_out if grad_h is not None else None, grad_w * grad_out if grad_w is not None else None, None, None, None)
+
+
+def _plain_output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The output projection when the loss may bypass the model's own logits: a bias-free
+    linear head over a ``get_decoder()`` (LLaMA-family). Else None (the generic path)."""
+    if not hasattr(model, "get_decoder") or not hasattr(model, "get_output_embeddings"):
+        return None
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is None or getattr(head, "bias", None) is not None or getattr(getattr(model, "config", None), "final_logit_softcapping", None):
+        return None
+    return head
+
+
+class CausalLMLoss(torch.nn.Module):
+    """Sum of next-token cross-entropy over target tokens, and their count.
+
+    For LLaMA-family models the output layer runs only on target positions (SFT: the
+    response, not the masked prompt) and in row chunks (``_LinearCrossEntropy``), so neither
+    the compute nor the memory of the [batch, seq, vocab] logits is spent. Other models take
+    the generic path through their logits. A module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: torch.nn.Module, chunk_rows: int = 1024) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_rows = chunk_rows
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = labels[:, 1:]
+        select = targets != IGNORE_INDEX
+        count = select.sum()
+        head = _plain_output_head(self.model)
+        if head is None:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+            shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # no copy of the logits
+            loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+            return loss, count
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        rows = hidden[:, :-1][select]
+        return _LinearCrossEntropy.apply(rows, head.weight, targets[select], self.chunk_rows, torch.is_grad_enabled()), count
+
+
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over target tokens, and their count."""
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
-    logits = outputs.logits[:, :-1, :].float()
-    labels = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, int((labels != IGNORE_INDEX).sum())
+    loss_module = model if isinstance(model, (CausalLMLoss, torch.nn.parallel.DistributedDataParallel)) else CausalLMLoss(model)
+    loss, count = loss_module(input_ids=batch["input_ids"], labels=batch["labels"], attention_mask=batch.get("attention_mask"))
+    return loss, int(count)
 
 
 @torch.no_grad()
@@ -234,9 +305,13 @@ class TrainResult:
 
 
 def _autocast(precision: str, device: torch.device):
-    if precision == "fp32" or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    """bf16 autocast on GPU and on CPU (AVX512-BF16/AMX run its matmuls 2-3x faster than fp32;
+    weights, optimizer state and the loss stay fp32); fp16 on GPU only (with loss scaling)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
 def train(
@@ -270,9 +345,9 @@ def train(
             model.enable_input_require_grads()
     model.train()
     optimizer = build_optimizer(model, cfg)
-    ddp_model = model
+    ddp_model: torch.nn.Module = CausalLMLoss(model)
     if world.world_size > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(ddp_model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
 
     per_device = cfg.per_device_train_batch_size
     global_batch = per_device * world.world_size

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -61,3 +62,45 @@ def test_push_delete_cache_pull_restores(tmp_path: Path, default_data: Path, ser
     _run([DVC, "pull"], repo, env)
     assert _hashes(repo / "data") == before
     _run([DVC, "status", "--cloud"], repo, env)
+
+
+@pytest.mark.services
+def test_fault_object_store_restarted_during_push(tmp_path: Path, default_data: Path, services) -> None:
+    """SeaweedFS is stopped while `dvc push` uploads: the push fails; once the store is back the
+    retry pushes the rest, `dvc status --cloud` is in sync, and a pull from scratch verifies."""
+    import random
+
+    from zhllama import services as svc
+
+    data = tmp_path / "data"
+    shutil.copytree(default_data, data)
+    rng = random.Random(0)
+    (data / "blobs").mkdir()
+    for i in range(60):  # 60 MB in 60 objects: still uploading when the store goes down
+        (data / "blobs" / f"{i:02d}.bin").write_bytes(rng.randbytes(2**20))
+    repo = _dvc_repo(tmp_path / "repo", data)
+    before = _hashes(repo / "data")
+    prefix = f"fault-{uuid.uuid4().hex[:8]}"
+    _run([DVC, "remote", "add", "-d", "store", f"s3://{services.dvc_bucket}/{prefix}"], repo)
+    _run([DVC, "remote", "modify", "store", "endpointurl", services.s3_endpoint], repo)
+    env = {**os.environ, **services.s3_env(), "AWS_MAX_ATTEMPTS": "2"}  # fail in seconds, not after minutes of retries
+    s3 = svc.s3_client(services)
+    push = subprocess.Popen([DVC, "push", "-j", "2"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while s3.list_objects_v2(Bucket=services.dvc_bucket, Prefix=prefix).get("KeyCount", 0) < 1:
+            assert push.poll() is None and time.monotonic() < deadline, "push ended before any object arrived"
+            time.sleep(0.05)
+        svc.stop("seaweedfs", services)
+        output = push.communicate(timeout=600)[0]
+    finally:
+        if push.poll() is None:
+            push.kill()
+        svc.start_seaweedfs(services)
+    assert push.returncode != 0, f"the push finished before the store went down; make the data bigger\n{output}"
+    _run([DVC, "push"], repo, env)  # the retry
+    assert _run([DVC, "status", "--cloud", "--json"], repo, env).strip() in {"{}", ""}  # nothing missing on the remote
+    shutil.rmtree(repo / ".dvc" / "cache")
+    shutil.rmtree(repo / "data")
+    _run([DVC, "pull"], repo, env)
+    assert _hashes(repo / "data") == before

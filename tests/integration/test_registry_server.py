@@ -144,9 +144,10 @@ def test_racing_registrations_both_get_versions_and_consistent_aliases(server_tr
     base = read_json(eval_run / "metrics.json")["summary"]["sft_test_loss"]
     evals = {"worse": _eval_with(eval_run, tmp_path, sft_test_loss=base + 1.0),
              "better": _eval_with(eval_run, tmp_path, sft_test_loss=base - 1.0)}
-    env = {**os.environ, "ZHLLAMA_PIPELINE_RUN_ID": f"race-{uuid.uuid4().hex[:6]}"}
+    # two pipeline runs finishing together
     procs = {label: subprocess.Popen([sys.executable, "-m", "zhllama.cli", "register", "--model", str(tiny_final), "--eval", str(path),
-                                      "--model_name", name], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                      "--model_name", name], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "ZHLLAMA_PIPELINE_RUN_ID": f"race-{label}-{uuid.uuid4().hex[:6]}"})
              for label, path in evals.items()}
     outputs = {label: p.communicate(timeout=600)[0] for label, p in procs.items()}
     assert all(p.returncode == 0 for p in procs.values()), outputs
@@ -187,3 +188,61 @@ def test_server_down_clear_error_no_version_then_retry_registers_once(services, 
     assert _versions(client, name) == []
     result = registry.register(tiny_final, eval_run, RegisterConfig(model_name=name))
     assert [v.version for v in _versions(client, name)] == [result["version"]] == ["1"]
+
+
+
+@pytest.mark.parametrize("dies", ["after_version_created", "after_champion_moved"])
+def test_fault_server_dies_during_registration_then_retry_registers_once(services, server_tracking, tmp_path, tiny_final, eval_run,
+                                                                        monkeypatch, dies) -> None:
+    """The server is killed part-way through a registration (once the version exists; or once
+    the champion alias has moved to it): one clear error; back up, the version is pending and
+    refused by promote; the retry of the same pipeline run leaves one complete version, champion
+    where the gate puts it."""
+    from mlflow import MlflowClient
+
+    name = _name()
+    base = read_json(eval_run / "metrics.json")["summary"]["sft_test_loss"]
+    first = registry.register(tiny_final, _eval_with(eval_run, tmp_path, sft_test_loss=base + 1.0), RegisterConfig(model_name=name))
+    better = _eval_with(eval_run, tmp_path, sft_test_loss=base - 1.0)
+    run_id = f"outage-{uuid.uuid4().hex[:6]}"
+    monkeypatch.setenv("ZHLLAMA_PIPELINE_RUN_ID", run_id)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail now: the client would retry for minutes
+    if dies == "after_version_created":
+        gate = registry._promote_by_gate
+
+        def die_then_gate(*args, **kwargs):
+            svc.stop("mlflow", services)
+            return gate(*args, **kwargs)
+
+        monkeypatch.setattr(registry, "_promote_by_gate", die_then_gate)
+    else:
+        tag = MlflowClient.set_model_version_tag
+
+        def die_before_ready(self, model, version, key, value):
+            if key == registry.STATE_TAG and value == "ready":
+                svc.stop("mlflow", services)
+            return tag(self, model, version, key, value)
+
+        monkeypatch.setattr(MlflowClient, "set_model_version_tag", die_before_ready)
+    try:
+        started = time.monotonic()
+        with pytest.raises(registry.RegistryError, match="stopped answering during registration") as failure:
+            registry.register(tiny_final, better, RegisterConfig(model_name=name))
+        assert "re-running this registration" in str(failure.value)
+        assert time.monotonic() - started < 120
+    finally:
+        monkeypatch.setattr(registry, "_promote_by_gate", registry._promote_by_gate)
+        monkeypatch.undo()
+        svc.start_mlflow(services)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", services.mlflow_uri)
+    monkeypatch.setenv("ZHLLAMA_PIPELINE_RUN_ID", run_id)  # the retry of that pipeline run
+    client = tracking.client()
+    left = [v for v in _versions(client, name) if v.version != first["version"]]
+    assert [v.tags[registry.STATE_TAG] for v in left] == ["pending"]  # abandoned, never "ready"
+    assert cli.main(["promote", "--model_name", name, "--version", left[0].version, "--reason", "x"]) == 2  # and refused
+    result = registry.register(tiny_final, better, RegisterConfig(model_name=name))
+    versions = _versions(client, name)
+    assert [v.version for v in versions] == [first["version"], result["version"]]
+    assert all(v.tags[registry.STATE_TAG] == "ready" for v in versions)
+    assert client.get_model_version_by_alias(name, "champion").version == result["version"]
+    assert result["champion_before"] == first["version"]  # champion was back on the first version before the retry's gate

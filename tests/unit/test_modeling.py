@@ -34,6 +34,17 @@ def test_default_init_option(tiny_base: Path, vocab_run: Path) -> None:
     assert info["initialised_from_pieces"] == 0
 
 
+def test_mean_init_option(tiny_base: Path, vocab_run: Path) -> None:
+    model = load_model(tiny_base)
+    old_in, old_out = model.get_input_embeddings().weight.detach().clone(), model.get_output_embeddings().weight.detach().clone()
+    resize_embeddings(model, load_tokenizer(vocab_run / "tokenizer"), load_tokenizer(tiny_base), init="mean")
+    rows = old_in.shape[0]
+    new_in, new_out = model.get_input_embeddings().weight.detach(), model.get_output_embeddings().weight.detach()
+    torch.testing.assert_close(new_in[:rows], old_in)
+    torch.testing.assert_close(new_in[rows:], old_in.mean(0).expand_as(new_in[rows:]))
+    torch.testing.assert_close(new_out[rows:], old_out.mean(0).expand_as(new_out[rows:]))
+
+
 def test_tokenizer_that_does_not_fit_is_named(tiny_base: Path, vocab_run: Path) -> None:
     model = load_model(tiny_base)
     merged = load_tokenizer(vocab_run / "tokenizer")

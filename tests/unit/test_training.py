@@ -1,0 +1,70 @@
+"""The shared loop's loss: the chunked output layer over target positions only must give the
+loss and the gradients of the plain path (the model's logits over every position)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zhllama.config import PretrainConfig
+from zhllama.pretrain import apply_lora
+from zhllama.training import IGNORE_INDEX, CausalLMLoss
+
+
+def _tiny(tied: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, tie_word_embeddings=tied))
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 300, (3, 17), generator=gen)
+    labels = ids.clone()
+    labels[0, :6] = IGNORE_INDEX  # a masked prompt
+    labels[2, 12:] = IGNORE_INDEX  # padding
+    mask = torch.ones_like(ids)
+    mask[2, 12:] = 0
+    return ids, labels, mask
+
+
+def _plain_loss(model, ids, labels, mask):
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _grads(model, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("setup", ["lora_modules_to_save", "full_model", "tied_embeddings"])
+def test_chunked_loss_and_gradients_equal_the_plain_path(setup):
+    model = _tiny(tied=setup == "tied_embeddings")
+    if setup == "lora_modules_to_save":
+        model = apply_lora(model, PretrainConfig(lora_dropout=0.0))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1)  # B = 0 would make every LoRA gradient on A vanish
+    ids, labels, mask = _batch()
+    plain_loss, plain = _grads(model, lambda: _plain_loss(model, ids, labels, mask))
+    chunked_loss, chunked = _grads(model, lambda: CausalLMLoss(model, chunk_rows=5)(ids, labels, mask)[0])
+    assert chunked_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert set(chunked) == set(plain) and len(plain) > 0
+    for name in plain:
+        torch.testing.assert_close(chunked[name], plain[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_count_and_no_grad_mode():
+    model = _tiny()
+    ids, labels, mask = _batch()
+    with torch.no_grad():
+        loss, count = CausalLMLoss(model)(ids, labels, mask)
+    assert int(count) == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    assert not loss.requires_grad
+    assert float(loss) == pytest.approx(float(_plain_loss(model, ids, labels, mask)), rel=1e-6)
