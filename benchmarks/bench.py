@@ -4,8 +4,9 @@ and prints the tables.
 
 Sections (each measured in fresh processes, so peak RSS is the run's own):
   training   PT and SFT, zhllama vs the recipe (HF Trainer + peft), same model, data, steps,
-             learning rate and batch; medians over --repeats (the two alternate, so drift in the
-             machine's load hits both); useful (non-padding) tokens/s, peak RSS, losses.
+             learning rate and batch; the fp32 pair --repeats times (median; the two alternate, so
+             drift in the machine's load hits both), for PT also both with bf16 autocast
+             (--bf16_repeats); useful (non-padding) tokens/s, peak RSS, losses.
   ablations  one zhllama run each with a speed feature switched off: what each one buys.
   merge      peak RSS of the default and low-memory merges, as a multiple of the model's size.
   vocab      SentencePiece training and merge time; tokens per Chinese character on held-out text.
@@ -73,21 +74,27 @@ def median(rows: list[dict[str, Any]], key: str) -> float:
 # --- sections ------------------------------------------------------------------------------------
 
 # What is compared: zhllama as configured (fp32, like the baseline), zhllama with bf16 autocast
-# (fp32 weights and optimizer; the CPU's AVX512-BF16 matmuls), and the recipe baseline (fp32: its
-# --fp16 needs a GPU).
-VARIANTS = {"zhllama": ["--impl", "zhllama"], "zhllama bf16": ["--impl", "zhllama", "--set", 'precision="bf16"'], "recipe": ["--impl", "recipe"]}
+# (fp32 weights and optimizer; the CPU's AVX512-BF16 matmuls), and the recipe baseline in fp32 (its
+# --fp16 needs a GPU) and with the Trainer's --bf16 (PT only: the same autocast, for a fair pair).
+VARIANTS = {"zhllama": ["--impl", "zhllama"], "zhllama bf16": ["--impl", "zhllama", "--set", 'precision="bf16"'], "recipe": ["--impl", "recipe"],
+            "recipe bf16": ["--impl", "recipe", "--set", 'precision="bf16"']}
 
 
-def bench_training(ws: Workspace, repeats: int, steps: dict[str, int]) -> dict[str, Any]:
+def bench_training(ws: Workspace, repeats: int, steps: dict[str, int], bf16_repeats: int = 1) -> dict[str, Any]:
+    """The fp32 pair (zhllama, recipe) ``repeats`` times; for PT also the bf16 pair
+    ``bf16_repeats`` times (one run each by default: it keeps ``make bench`` under 20 minutes)."""
     out: dict[str, Any] = {}
     for stage in ("pt", "sft"):
-        names = list(VARIANTS) if stage == "pt" else ["zhllama", "recipe"]  # SFT: bf16 measured no faster at these lengths
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-        for r in range(repeats):
-            order = names if r % 2 == 0 else list(reversed(names))  # load drift hits every variant alike
-            for name in order:
-                label = f"{stage}-{name.replace(' ', '-')}-{r}"
-                runs[name].append(child([*VARIANTS[name], *stage_args(ws, stage, steps[stage])], ws.root, label))
+        pairs = [(["zhllama", "recipe"], repeats)]
+        if stage == "pt":  # SFT: bf16 measured no faster at these lengths
+            pairs.append((["zhllama bf16", "recipe bf16"], bf16_repeats))
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for names, _ in pairs for name in names}
+        for names, count in pairs:
+            for r in range(count):
+                order = names if r % 2 == 0 else list(reversed(names))  # load drift hits both alike
+                for name in order:
+                    label = f"{stage}-{name.replace(' ', '-')}-{r}"
+                    runs[name].append(child([*VARIANTS[name], *stage_args(ws, stage, steps[stage])], ws.root, label))
         out[stage] = {"steps": steps[stage], "repeats": repeats, "runs": runs, "median": summarize(runs)}
     return out
 
@@ -99,8 +106,12 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, floa
     summary = {name: {key: median(rows, key) for key in ("useful_tokens_per_second", "peak_rss_mb", "first_train_loss", "final_train_loss",
                                                             "eval_loss", "padding_share", "prep_seconds", "train_seconds")}
                for name, rows in runs.items()}
+    for name, rows in runs.items():
+        summary[name]["runs"] = len(rows)
     for name in summary:
+        same = "recipe bf16" if "bf16" in name and "recipe bf16" in summary else "recipe"
         summary[name]["speedup"] = summary[name]["useful_tokens_per_second"] / summary["recipe"]["useful_tokens_per_second"]
+        summary[name]["speedup_same_precision"] = summary[name]["useful_tokens_per_second"] / summary[same]["useful_tokens_per_second"]
     return summary
 
 
@@ -256,12 +267,12 @@ def render(results: dict[str, Any]) -> str:
                              ("sft", "SFT (LoRA + full embed_tokens/lm_head; batch 8, max length 256)")):
             t = results["training"][stage]
             m = summarize(t["runs"])
-            rows = [[name, m[name]["useful_tokens_per_second"], f"**{m[name]['speedup']:.2f}x**", m[name]["peak_rss_mb"],
+            rows = [[name, m[name]["useful_tokens_per_second"], f"**{m[name]['speedup']:.2f}x**", f"{m[name]['speedup_same_precision']:.2f}x", m[name]["peak_rss_mb"],
                      m[name]["first_train_loss"], m[name]["final_train_loss"], m[name]["eval_loss"], f"{100 * m[name]['padding_share']:.1f}%",
-                     m[name]["prep_seconds"]] for name in m]
-            parts.append(f"## {label}\n\n{t['steps']} steps from the same base model, median of {t['repeats']} runs each.\n\n" + table(
-                ["", "useful tokens/s", "vs recipe", "peak RSS MB", "loss, step 1", "loss, last 5 steps", "held-out loss", "padding",
-                 "set-up s"], rows))
+                     m[name]["prep_seconds"], m[name]["runs"]] for name in m]
+            parts.append(f"## {label}\n\n{t['steps']} steps from the same base model, median of the runs.\n\n" + table(
+                ["", "useful tokens/s", "vs recipe (fp32)", "vs recipe, same precision", "peak RSS MB", "loss, step 1", "loss, last 5 steps", "held-out loss", "padding",
+                 "set-up s", "runs"], rows))
     if "ablations" in results:
         rows = [[r["stage"], r["change"], r["useful_tokens_per_second"], r["peak_rss_mb"], r["final_train_loss"], r.get("eval_loss", "-")]
                 for r in results["ablations"]]
@@ -307,7 +318,7 @@ def machine() -> str:
     import torch
 
     return (f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPU cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}; fp32, no GPU.")
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}; fp32 unless a row says bf16, no GPU.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,9 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(PROJECT_ROOT / "runs" / "bench"))
     parser.add_argument("--workdir", default=None, help="inputs and run outputs (default: OUT/work)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--pt_steps", type=int, default=10)
-    parser.add_argument("--sft_steps", type=int, default=16)
-    parser.add_argument("--scale_steps", type=int, default=3)
+    parser.add_argument("--bf16_repeats", type=int, default=1)
+    parser.add_argument("--pt_steps", type=int, default=6)
+    parser.add_argument("--sft_steps", type=int, default=12)
+    parser.add_argument("--scale_steps", type=int, default=2)
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     parser.add_argument("--quick", action="store_true", help="1 repeat, 2 steps: checks the harness, not the figures")
     parser.add_argument("--render", metavar="BENCH_JSON", help="only print the tables of an earlier run's bench.json")
@@ -327,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         print(render(json.loads(Path(args.render).read_text(encoding="utf-8"))))
         return 0
     if args.quick:
-        args.repeats, args.pt_steps, args.sft_steps, args.scale_steps = 1, 2, 2, 1
+        args.repeats, args.bf16_repeats, args.pt_steps, args.sft_steps, args.scale_steps = 1, 1, 2, 2, 1
     sections = [s for s in args.only.split(",") if s]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
@@ -336,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     ws = prepare(Path(args.workdir) if args.workdir else out / "work")
     steps = {"pt": args.pt_steps, "sft": args.sft_steps}
     results: dict[str, Any] = {"machine": machine(), "seconds": {}}
-    runners = {"training": lambda: bench_training(ws, args.repeats, steps), "ablations": lambda: bench_ablations(ws, steps),
+    runners = {"training": lambda: bench_training(ws, args.repeats, steps, args.bf16_repeats), "ablations": lambda: bench_ablations(ws, steps),
                "merge": lambda: bench_merge(ws), "vocab": lambda: bench_vocab(ws), "scale": lambda: bench_scale(ws, args.scale_steps),
                "pipeline": lambda: bench_pipeline(ws)}
     started = time.perf_counter()

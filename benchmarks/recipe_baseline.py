@@ -1,7 +1,7 @@
 """The seed-literal baseline: pretraining and SFT the way the recipe's scripts do them.
 
 ``run_clm_pt_with_peft.py`` / ``run_clm_sft_with_peft.py`` with their ``run_pt.sh`` /
-``run_sft.sh`` arguments, on CPU in fp32 (no DeepSpeed, no fp16): Hugging Face ``Trainer`` +
+``run_sft.sh`` arguments, on CPU in fp32 or, with ``precision: bf16``, the Trainer's ``--bf16`` (no DeepSpeed, no fp16): Hugging Face ``Trainer`` +
 peft LoRA (r 8, alpha 32, dropout 0.05, the 7 projections, ``modules_to_save`` embed_tokens and
 lm_head), ``--gradient_checkpointing``, cosine schedule with the scripts' warm-up and weight
 decay, the Trainer's random sampler. PT data goes through ``datasets`` (``load_dataset("text")``,
@@ -74,6 +74,7 @@ def _training_args(out_dir: Path, cfg: dict[str, Any], max_steps: int, warmup_ra
         logging_first_step=True,
         save_strategy="no",  # the scripts save every 200 steps: beyond a benchmark's length
         gradient_checkpointing=True,
+        bf16=cfg.get("precision") == "bf16",  # the scripts' --bf16: CPU autocast through accelerate
         seed=cfg.get("seed", 42),
         report_to=[],
         use_cpu=True,

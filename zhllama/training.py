@@ -144,30 +144,52 @@ def pad_rows(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[s
 class _LinearCrossEntropy(torch.autograd.Function):
     """Sum over rows of cross-entropy(hidden @ weight.T, target), in row chunks, with both
     gradients computed chunk by chunk in the forward pass: the [rows, vocab] logits (and their
-    softmax and gradient) never exist whole. Same matmuls as the plain path, ~1/chunks of its
-    memory traffic for the vocabulary-sized tensors. Always fp32 (no fp16 logits overflow)."""
+    softmax and gradient) never exist whole. Same matmuls as the plain path; the softmax runs in
+    place in one reused fp32 buffer (one exp pass, no fresh vocabulary-sized allocation per
+    chunk). Under CPU bf16 autocast the three matmuls run in bf16 on operands cast once; the
+    softmax, the loss and the gradient accumulation stay fp32 (no fp16 logits overflow)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int, grads: bool) -> torch.Tensor:
         need_h = grads and ctx.needs_input_grad[0]  # forward runs with grad mode off: ``grads`` says how it was called
         need_w = grads and ctx.needs_input_grad[1]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        device = hidden.device
+        autocast_on = device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        compute = torch.get_autocast_dtype("cpu") if autocast_on else weight.dtype
+        rows, vocab = min(chunk, hidden.shape[0]), weight.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=device)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        for start in range(0, hidden.shape[0], chunk):
-            h, y = hidden[start : start + chunk], target[start : start + chunk]
-            logits = (h @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            if need_h or need_w:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                probs[torch.arange(len(y), device=y.device), y] -= 1.0  # d loss / d logits
-                if need_h:
-                    grad_h[start : start + chunk] = probs @ weight
-                if need_w:
-                    grad_w += probs.t() @ h  # not addmm_: in-place ops escape autocast
-        ctx.save_for_backward(grad_h, grad_w)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_w else None
+        with torch.autocast(device.type, enabled=False):
+            h_all, w = hidden.to(compute), weight.to(compute)  # cast once, not per chunk and per use
+            logits_buf = torch.empty((rows, vocab), dtype=torch.float32, device=device)
+            low_buf = torch.empty((rows, vocab), dtype=compute, device=device) if compute != torch.float32 else None
+            for start in range(0, hidden.shape[0], chunk):
+                h, y = h_all[start : start + chunk], target[start : start + chunk]
+                m = h.shape[0]
+                logits = logits_buf[:m]
+                if low_buf is None:
+                    torch.mm(h, w.t(), out=logits)
+                else:
+                    logits.copy_(torch.mm(h, w.t(), out=low_buf[:m]))
+                picked = logits.gather(1, y[:, None]).squeeze(1)
+                top = logits.amax(dim=1, keepdim=True)
+                probs = logits.sub_(top).exp_()  # exp(logit - max), in place
+                sums = probs.sum(dim=1, keepdim=True)
+                total += (top.squeeze(1) + sums.squeeze(1).log() - picked).sum()
+                if need_h or need_w:
+                    probs.div_(sums)  # softmax
+                    probs[torch.arange(m, device=device), y] -= 1.0  # d loss / d logits
+                    g = probs if low_buf is None else low_buf[:m].copy_(probs)
+                    if need_h:
+                        grad_h[start : start + m] = g @ w
+                    if need_w:
+                        if low_buf is None:
+                            grad_w.addmm_(g.t(), h)
+                        else:
+                            grad_w += g.t() @ h
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
         return total
 
     @staticmethod

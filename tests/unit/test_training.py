@@ -68,3 +68,21 @@ def test_count_and_no_grad_mode():
     assert int(count) == int((labels[:, 1:] != IGNORE_INDEX).sum())
     assert not loss.requires_grad
     assert float(loss) == pytest.approx(float(_plain_loss(model, ids, labels, mask)), rel=1e-6)
+
+
+def test_bf16_autocast_matches_fp32_within_bf16_precision_and_keeps_fp32_gradients():
+    model = apply_lora(_tiny(), PretrainConfig(lora_dropout=0.0))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    ids, labels, mask = _batch()
+    ref_loss, ref = _grads(model, lambda: CausalLMLoss(model, chunk_rows=5)(ids, labels, mask)[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low_loss, low = _grads(model, lambda: CausalLMLoss(model, chunk_rows=5)(ids, labels, mask)[0])
+    assert low_loss != ref_loss  # the matmuls did run in bf16
+    assert low_loss == pytest.approx(ref_loss, rel=1e-2)
+    assert set(low) == set(ref)
+    for name in ref:
+        assert low[name].dtype == torch.float32, name
+        cos = torch.nn.functional.cosine_similarity(low[name].flatten(), ref[name].flatten(), dim=0)
+        assert cos > 0.99, (name, float(cos))
