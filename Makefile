@@ -95,7 +95,7 @@ run: ## the whole DAG on this machine through kfp.local (services, default data 
 	test -d data || $(MAKE) data
 	$(SERVICE_ENV) && $(PY) -m pipelines.local --preset $(PRESET) $(RUN_ARGS)
 
-bench: ## zhllama vs the seed-literal recipe baseline, and merge, vocab, scale, pipeline figures (~20 min; runs/bench/bench.md)
+bench: ## zhllama vs the seed-literal recipe baseline, and merge, vocab, scale, pipeline figures (~18 min; runs/bench/bench.md; BENCH_ARGS="--pipeline_full" times make run itself)
 	@$(PY) -m zhllama.services status >/dev/null 2>&1 || $(MAKE) services
 	test -d data || $(MAKE) data
 	$(SERVICE_ENV) && $(PY) -m benchmarks.bench $(BENCH_ARGS)
