@@ -12,7 +12,7 @@ Sections (each measured in fresh processes, so peak RSS is the run's own):
   vocab      SentencePiece training and merge time; tokens per Chinese character on held-out text.
   scale      PT speed and memory against model size, and data preparation against corpus size.
   pipeline   the ``make run`` DAG through kfp.local with 2 training steps per stage (or, with
-             --pipeline_full, ``make run``'s own preset, ~8 min more): total vs the stages' own
+             --pipeline_full, ``make run``'s own preset, ~3 min more): total vs the stages' own
              time (from their MLflow runs), then the same run again, cached.
 
     .venv/bin/python -m benchmarks.bench [--quick] [--out runs/bench] [--only training,vocab]
@@ -107,9 +107,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, floa
     summary = {name: {key: median(rows, key) for key in ("useful_tokens_per_second", "peak_rss_mb", "first_train_loss", "final_train_loss",
                                                             "eval_loss", "padding_share", "prep_seconds", "train_seconds")}
                for name, rows in runs.items()}
-    for name, rows in runs.items():
-        summary[name]["runs"] = len(rows)
     for name in summary:
+        summary[name]["runs"] = len(runs[name])
         same = "recipe bf16" if "bf16" in name and "recipe bf16" in summary else "recipe"
         summary[name]["speedup"] = summary[name]["useful_tokens_per_second"] / summary["recipe"]["useful_tokens_per_second"]
         summary[name]["speedup_same_precision"] = summary[name]["useful_tokens_per_second"] / summary[same]["useful_tokens_per_second"]
@@ -338,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sft_steps", type=int, default=12)
     parser.add_argument("--scale_steps", type=int, default=2)
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
-    parser.add_argument("--pipeline_full", action="store_true", help="pipeline section with make run's own preset (~8 min instead of ~2.5)")
+    parser.add_argument("--pipeline_full", action="store_true", help="pipeline section with make run's own preset (~5.5 min instead of ~2.5)")
     parser.add_argument("--quick", action="store_true", help="1 repeat, 2 steps: checks the harness, not the figures")
     parser.add_argument("--render", metavar="BENCH_JSON", help="only print the tables of an earlier run's bench.json")
     args = parser.parse_args(argv)

@@ -1,12 +1,13 @@
 """The seed-literal baseline: pretraining and SFT the way the recipe's scripts do them.
 
 ``run_clm_pt_with_peft.py`` / ``run_clm_sft_with_peft.py`` with their ``run_pt.sh`` /
-``run_sft.sh`` arguments, on CPU in fp32 or, with ``precision: bf16``, the Trainer's ``--bf16`` (no DeepSpeed, no fp16): Hugging Face ``Trainer`` +
-peft LoRA (r 8, alpha 32, dropout 0.05, the 7 projections, ``modules_to_save`` embed_tokens and
-lm_head), ``--gradient_checkpointing``, cosine schedule with the scripts' warm-up and weight
-decay, the Trainer's random sampler. PT data goes through ``datasets`` (``load_dataset("text")``,
-tokenize, ``group_texts`` into blocks); SFT examples are prompt + output + eos with the prompt
-masked, padded to the longest example of each random batch.
+``run_sft.sh`` arguments, on CPU in fp32 (or, with ``precision: bf16``, the Trainer's ``--bf16``;
+no DeepSpeed, no fp16): Hugging Face ``Trainer`` + peft LoRA (r 8, alpha 32, dropout 0.05, the 7
+projections, ``modules_to_save`` embed_tokens and lm_head), ``--gradient_checkpointing``, cosine
+schedule with the scripts' warm-up and weight decay, the Trainer's random sampler. PT data goes
+through ``datasets`` (``load_dataset("text")``, tokenize, ``group_texts`` into blocks); SFT
+examples are prompt + output + eos with the prompt masked, padded to the longest example of each
+random batch.
 
 Written from the scripts' documented behaviour for benchmarking only; zhllama never imports it.
 """
