@@ -23,16 +23,18 @@ export ZHLLAMA_PIPELINE_RUN_ID := make-$(shell date +%Y%m%d-%H%M%S)
 endif
 ZH           = $(TRACK_ENV) && $(PY) -m zhllama.cli
 
+
+.PHONY: setup-containers engine engine-down images-cuda run-containers test-containers
 .PHONY: help setup lock test test-fast services services-down services-status data data-push data-pull vocab base chain evaluate register compile run images promote generate bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-setup: ## create .venv and install the pinned stack (requirements.lock) and zhllama (editable)
+setup: ## create .venv and install the pinned stack (requirements.lock) and zhllama (editable), bytecode compiled (a cold start compiles thousands of modules otherwise)
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@test -x $(UV) || $(PY) -m pip install -q "uv==$(UV_VERSION)"
-	$(UV) pip install --python $(PY) --find-links $(FIND_LINKS) -r requirements.lock
-	$(UV) pip install --python $(PY) --no-deps -e .
+	$(UV) pip install --python $(PY) --compile-bytecode --find-links $(FIND_LINKS) -r requirements.lock
+	$(UV) pip install --python $(PY) --compile-bytecode --no-deps -e .
 	@$(PY) -c "import torch, transformers, peft, kfp, mlflow, dvc, sentencepiece; print('ok: torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| kfp', kfp.__version__, '| mlflow', mlflow.__version__)"
 
 lock: ## re-resolve requirements.in into requirements.lock (seconds with uv)
@@ -100,18 +102,32 @@ bench: ## zhllama vs the seed-literal recipe baseline, and merge, vocab, scale, 
 	test -d data || $(MAKE) data
 	$(SERVICE_ENV) && $(PY) -m benchmarks.bench $(BENCH_ARGS)
 
-images: ## build the CPU and CUDA images with the version tag (needs docker, podman or buildah); PUSH=1 pushes
-	@builder=""; for b in docker podman buildah; do \
-	  if command -v $$b >/dev/null && $$b info >/dev/null 2>&1; then builder=$$b; break; fi; done; \
-	tags=$$($(PY) -m components.images); \
-	if [ -z "$$builder" ]; then \
-	  echo "no working container builder (docker or podman with a running engine, or buildah) on this machine: nothing built."; \
-	  echo "the pipelines name these images:"; echo "$$tags" | sed 's/^/  /'; exit 0; fi; \
-	echo "$$tags" | while read dockerfile tag; do \
-	  echo "building $$tag from images/$$dockerfile with $$builder"; \
-	  $$builder build -f images/$$dockerfile -t $$tag --build-arg GIT_COMMIT=$$(git rev-parse HEAD) . ; \
-	  if [ -n "$${PUSH:-}" ]; then $$builder push $$tag; fi; \
-	done
+setup-containers: ## one-time, as root: Debian's docker.io (engine + CLI) and mmdebstrap (a local base image where no registry answers)
+	@if command -v dockerd >/dev/null && command -v mmdebstrap >/dev/null; then echo "docker.io and mmdebstrap are installed"; \
+	else apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker.io mmdebstrap; fi
+
+engine: ## use the running Docker engine, or start the project's own (unix socket in .services/docker, stopped by PID)
+	$(PY) -m zhllama.containers up
+
+engine-down: ## stop the project's own container engine
+	$(PY) -m zhllama.containers down
+
+images: ## build the CPU image (tag: the version, and version-codehash); PUSH=1 pushes; starts the engine when none runs
+	@$(PY) -m zhllama.containers status >/dev/null 2>&1 || $(MAKE) engine
+	$(PY) -m components.images build cpu $(if $(PUSH),--push)
+
+images-cuda: ## build the CUDA image (torch's CUDA wheels from PyPI; several GB); PUSH=1 pushes
+	@$(PY) -m zhllama.containers status >/dev/null 2>&1 || $(MAKE) engine
+	$(PY) -m components.images build cuda $(if $(PUSH),--push)
+
+run-containers: ## the checked-in compiled YAML through kfp.local's DockerRunner: every step in its own container (needs make images)
+	@$(PY) -m zhllama.services status >/dev/null 2>&1 || $(MAKE) services
+	@$(PY) -m zhllama.containers status >/dev/null 2>&1 || $(MAKE) engine
+	$(SERVICE_ENV) && $(PY) -m pipelines.local --containers --preset $(PRESET) $(RUN_ARGS)
+
+test-containers: ## the container tests: the compiled YAML run step by step in the image, as its non-root user (needs make images)
+	@$(PY) -m zhllama.containers status >/dev/null 2>&1 || $(MAKE) engine
+	$(PY) -m pytest -q -m containers
 
 promote: ## move champion by hand: make promote VERSION=3 REASON="..."
 	$(ZH) promote --version "$(VERSION)" --reason "$(REASON)"

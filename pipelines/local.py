@@ -1,6 +1,9 @@
-"""Run the whole pipeline on this machine with ``kfp.local`` (``make run``).
+"""Run the whole pipeline on this machine with ``kfp.local``.
 
-Every step runs as a subprocess of this Python (no containers, no cluster), on the embedded
+``make run``: every step runs as a subprocess of this Python, from the Python-defined DAG.
+``make run-containers`` (``--containers``): the checked-in compiled YAML (what a Kubeflow UI user
+uploads), every step in its own container from the image ``make images`` built, as the image's
+non-root user, through ``kfp.local.DockerRunner`` on the host network. Both run on the embedded
 default data and base model, against the local MLflow server when ``make services`` runs.
 kfp.local caches each step under ``.kfp_cache`` by component, command, arguments and the URIs
 of its input artifacts: a cached step hands on the same output URIs, so with nothing changed the
@@ -28,6 +31,12 @@ log = logging.getLogger("zhllama.run")
 
 OUTPUTS = PROJECT_ROOT / ".kfp_outputs"
 CACHE = PROJECT_ROOT / ".kfp_cache"
+COMPILED = PROJECT_ROOT / "pipelines" / "chinese_llama_alpaca.yaml"
+_IMAGE_LINE = re.compile(r"^(\s*image: )(\S+/zhllama-(?:cpu|cuda)):(\S+)$", re.MULTILINE)
+
+
+class StepFailed(RuntimeError):
+    """A step of a local run failed; the message is its own one-line error."""
 
 
 class StepTimer(logging.Filter):
@@ -43,6 +52,7 @@ class StepTimer(logging.Filter):
         self.started: dict[str, float] = {}
         self.seconds: dict[str, float] = {}
         self.cached: list[str] = []
+        self.failed: list[str] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
         self._note(record)
@@ -54,16 +64,19 @@ class StepTimer(logging.Filter):
             self.started[match.group(1)] = record.created
         elif (match := self.END.search(message)) and match.group(1) in self.started:
             self.seconds[match.group(1)] = record.created - self.started[match.group(1)]
+            if "FAILURE" in message:
+                self.failed.append(match.group(1))
         elif match := self.HIT.search(message):
             self.cached.append(match.group(1))
 
 
 def run_local(preset: str | Path | None = None, overrides: dict[str, Any] | None = None, caching: bool = True,
-              pipeline_root: Path = OUTPUTS, cache_root: Path = CACHE) -> dict[str, Any]:
-    """Run the pipeline through kfp.local; returns the step times, cache hits and where to look."""
+              pipeline_root: Path = OUTPUTS, cache_root: Path = CACHE, containers: bool = False,
+              pipeline_yaml: Path = COMPILED) -> dict[str, Any]:
+    """Run the pipeline through kfp.local; returns the step times, cache hits and where to look.
+    ``containers``: run ``pipeline_yaml`` with every step in a container (see module docstring)."""
     from kfp import local
 
-    from pipelines.chinese_llama_alpaca import build_pipeline
     from zhllama import tracking
 
     arguments = arguments_from_preset(yaml.safe_load(Path(preset).read_text(encoding="utf-8")) or {}) if preset else {}
@@ -72,22 +85,114 @@ def run_local(preset: str | Path | None = None, overrides: dict[str, Any] | None
     if os.environ.get("MLFLOW_TRACKING_URI"):
         arguments.setdefault("mlflow_tracking_uri", os.environ["MLFLOW_TRACKING_URI"])
     run_id = os.environ.setdefault("ZHLLAMA_PIPELINE_RUN_ID", f"kfp-local-{time.strftime('%Y%m%d-%H%M%S')}")
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), enable_caching=caching,
-               cache_root=str(cache_root))
+    pipeline_root, cache_root = Path(pipeline_root).resolve(), Path(cache_root).resolve()  # the container mounts it at the same path
+    if containers:
+        pipeline, runner = container_pipeline(pipeline_yaml), docker_runner(pipeline_root, run_id, arguments)
+    else:
+        from pipelines.chinese_llama_alpaca import build_pipeline
+
+        pipeline, runner = build_pipeline(code_version=code_version()), local.SubprocessRunner(use_venv=False)
+    local.init(runner=runner, pipeline_root=str(pipeline_root), enable_caching=caching, cache_root=str(cache_root))
     timer = StepTimer()
     root = logging.getLogger()
     level = root.level
     root.setLevel(min(level, logging.INFO))  # kfp.local reports steps and cache hits at INFO
     root.addFilter(timer)
     started = time.perf_counter()
+    _container_errors[:] = []
     try:
-        build_pipeline(code_version=code_version())(**arguments)
+        pipeline(**arguments)
+    except RuntimeError as err:
+        if "finished with status" not in str(err):
+            raise
+        step = timer.failed[0] if timer.failed else "a step"
+        reason = _container_errors[0] if _container_errors else re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+        raise StepFailed(f"step {step} failed: {reason}") from None
     finally:
         root.removeFilter(timer)
         root.setLevel(level)
     total = time.perf_counter() - started
     return {"pipeline_run_id": run_id, "total_seconds": total, "step_seconds": timer.seconds, "cached_steps": timer.cached,
             "arguments": arguments, **where_to_look(run_id, arguments, pipeline_root)}
+
+
+# --- containers ------------------------------------------------------------------------------------
+
+_container_errors: list[str] = []  # the last error line of each failed container, for StepFailed
+
+
+def container_pipeline(pipeline_yaml: Path = COMPILED):
+    """The compiled pipeline, with its zhllama images named by the local code tag
+    (``<version>-<code hash>``, what ``make images`` tagged): the YAML is otherwise the one on
+    disk, and a code change is a new image, so a new cache key for every step."""
+    from kfp import components
+
+    from zhllama.containers import code_version as image_code_version
+    from zhllama.containers import local_tag
+
+    code = image_code_version()
+    text = Path(pipeline_yaml).read_text(encoding="utf-8")
+    if not _IMAGE_LINE.search(text):
+        raise StepFailed(f"{pipeline_yaml}: names no zhllama image; compile it with `make compile`")
+    return components.load_component_from_text(_IMAGE_LINE.sub(lambda m: f"{m[1]}{local_tag(m[2] + ':x', code)}", text))
+
+
+def docker_runner(pipeline_root: Path, run_id: str, arguments: dict[str, Any]):
+    """kfp.local's DockerRunner on the host network (the services listen on 127.0.0.1), with the
+    environment a cluster's secrets and downward API give a step, as the image's non-root user
+    (or this user's uid, group 0, when not root); the pipeline root is made writable for it."""
+    from kfp import local
+    from kfp.local import docker_task_handler
+
+    from zhllama import containers
+    from zhllama.settings import get_settings
+
+    os.environ["DOCKER_HOST"] = containers.engine_env()["DOCKER_HOST"]
+    docker_task_handler.run_docker_container = run_container
+    env = {**get_settings().s3_env(), "ZHLLAMA_PIPELINE_RUN_ID": run_id}
+    if uri := arguments.get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"):
+        env["MLFLOW_TRACKING_URI"] = uri
+    uid = containers.STEP_UID if os.geteuid() == 0 else os.getuid()
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        os.chown(pipeline_root, uid, 0)
+    pipeline_root.chmod(0o775)
+    return local.DockerRunner(network_mode="host", environment=env, user=f"{uid}:0")
+
+
+def run_container(client, image: str, command: list[str], volumes: dict[str, Any], **run_args: Any) -> int:
+    """kfp.local's container run, with the exit code kept: kfp 2.17.0 starts containers with
+    auto-remove and reads the exit code afterwards, so a container removed first counts as a
+    success (and podman's API loses it outright). Here the container is removed only after
+    its code is read. A missing image fails at once, naming the target that builds it."""
+    import codecs
+
+    import docker
+
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        raise StepFailed(f"image {image} is not built: run `make images` (it is tagged with the code's hash)") from None
+    container = client.containers.run(image=image, command=command, detach=True, stdout=True, stderr=True, volumes=volumes,
+                                      auto_remove=False, **run_args)
+    decoder, last_error = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
+    try:
+        pending = ""
+        for chunk in container.logs(stream=True, follow=True):
+            text = pending + decoder.decode(chunk)
+            *lines, pending = text.split("\n")
+            for line in lines:
+                print(line)
+                if re.match(r"^(error: |[\w.]*(Error|Exception)\b: )", line):
+                    last_error = line
+        if pending:
+            print(pending)
+        code = int(container.wait()["StatusCode"])
+    finally:
+        container.remove(force=True)
+    if code != 0:
+        _container_errors.append(last_error or f"its container exited with code {code}")
+    return code
 
 
 def code_version() -> str:
@@ -129,13 +234,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summary", default=None, help="also write the timings as JSON here")
     parser.add_argument("--pipeline-root", default=str(OUTPUTS), help="where the steps' artifacts go")
     parser.add_argument("--cache-root", default=str(CACHE), help="kfp.local's cache of finished steps")
+    parser.add_argument("--containers", action="store_true", help="run the compiled YAML, each step in a container (make run-containers)")
+    parser.add_argument("--pipeline-yaml", default=str(COMPILED), help="the compiled pipeline --containers runs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from pipelines.submit import parse_params
 
-    result = run_local(args.preset, parse_params(args.param), caching=not args.no_cache, pipeline_root=Path(args.pipeline_root),
-                       cache_root=Path(args.cache_root))
-    print("\n== zhllama pipeline (kfp.local) ==")
+    try:
+        result = run_local(args.preset, parse_params(args.param), caching=not args.no_cache, pipeline_root=Path(args.pipeline_root),
+                           cache_root=Path(args.cache_root), containers=args.containers, pipeline_yaml=Path(args.pipeline_yaml))
+    except StepFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"\n== zhllama pipeline (kfp.local, {'compiled YAML, steps in containers' if args.containers else 'steps as subprocesses'}) ==")
     print(f"pipeline run     {result['pipeline_run_id']}   total {result['total_seconds']:.1f} s")
     for step, seconds in result["step_seconds"].items():
         print(f"  {step:<28} {seconds:7.1f} s")

@@ -24,6 +24,9 @@ class Settings:
 
     host: str = field(default_factory=lambda: _env("ZHLLAMA_HOST", "127.0.0.1"))
     state_dir: Path = field(default_factory=lambda: Path(_env("ZHLLAMA_STATE_DIR", str(PROJECT_ROOT / ".services"))))
+    # The project's own container engine (make engine): socket, images and layers. Apart from
+    # state_dir, so services started elsewhere (the test fixture's) share the one engine and its images.
+    engine_dir: Path = field(default_factory=lambda: Path(_env("ZHLLAMA_ENGINE_DIR", str(PROJECT_ROOT / ".services" / "docker"))))
     s3_port: int = field(default_factory=lambda: int(_env("ZHLLAMA_S3_PORT", "18333")))
     weed_master_port: int = field(default_factory=lambda: int(_env("ZHLLAMA_WEED_MASTER_PORT", "19333")))
     weed_volume_port: int = field(default_factory=lambda: int(_env("ZHLLAMA_WEED_VOLUME_PORT", "18080")))

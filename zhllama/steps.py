@@ -136,6 +136,11 @@ def _torchrun(command: str, argv: list[str], nproc_per_node: int, nnodes: int) -
     subprocess.run(cmd, check=True)
 
 
+def _tracking_flags(params: dict[str, Any]) -> list[str]:
+    """The step's tracking choice, for the relaunched ranks (the run id travels in the environment)."""
+    return ["--experiment", params["mlflow_experiment"]] if params.get("mlflow_experiment") else []
+
+
 def _flags(cfg: Any) -> list[str]:
     flags = []
     for field in dataclasses.fields(cfg):
@@ -151,7 +156,7 @@ def pretrain(base_model_dir: str, vocab_dir: str, data_dir: str, out: str, param
     nproc, nnodes = int(params.get("nproc_per_node", 1)), int(params.get("nnodes", 1))
     if nproc * nnodes > 1:
         _torchrun("pretrain", ["--base_model", base_model_dir, "--tokenizer", str(tokenizer), "--train", str(train), "--out", out,
-                               *_flags(cfg)], nproc, nnodes)
+                               *_tracking_flags(params), *_flags(cfg)], nproc, nnodes)
         return read_json(Path(out) / "metrics.json")
     return stages.pretrain(base_model_dir, tokenizer, [train], out, cfg, where=where)
 
@@ -172,7 +177,8 @@ def sft(model_dir: str, data_dir: str, out: str, params: dict[str, Any]) -> dict
     train, valid = Path(data_dir) / SFT_TRAIN, Path(data_dir) / SFT_VALID
     nproc, nnodes = int(params.get("nproc_per_node", 1)), int(params.get("nnodes", 1))
     if nproc * nnodes > 1:
-        _torchrun("sft", ["--model", model_dir, "--train", str(train), "--valid", str(valid), "--out", out, *_flags(cfg)], nproc, nnodes)
+        _torchrun("sft", ["--model", model_dir, "--train", str(train), "--valid", str(valid), "--out", out, *_tracking_flags(params), *_flags(cfg)],
+                  nproc, nnodes)
         return read_json(Path(out) / "metrics.json")
     return stages.sft(model_dir, train, valid, out, cfg, where=where)
 

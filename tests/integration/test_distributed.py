@@ -38,7 +38,8 @@ def test_two_processes_match_one(tmp_path: Path, tiny_base: Path, vocab_run: Pat
 
 def test_pipeline_step_launches_torchrun_and_tracks_once(tmp_path: Path, tiny_base: Path, vocab_run: Path, small_corpus,
                                                          local_tracking: Path, monkeypatch) -> None:
-    """The pretrain component's step with nproc_per_node=2: torchrun inside, one MLflow run (rank 0)."""
+    """The pretrain component's step with nproc_per_node=2: torchrun inside, one MLflow run (rank 0),
+    in the step's own experiment under the one parent (the relaunch once dropped --experiment)."""
     from zhllama import steps, tracking
 
     monkeypatch.setenv("ZHLLAMA_CACHE_DIR", str(tmp_path / "cache"))
@@ -48,9 +49,11 @@ def test_pipeline_step_launches_torchrun_and_tracks_once(tmp_path: Path, tiny_ba
     (data / "corpus").mkdir(parents=True)
     (data / "corpus" / "train.txt").write_text(small_corpus["train"].read_text(encoding="utf-8"), encoding="utf-8")
     params = {"nproc_per_node": 2, "nnodes": 1, "block_size": 64, "max_steps": 3, "per_device_train_batch_size": 2, "save_steps": 0,
-              "eval_steps": 0, "logging_steps": 1, "num_threads": 1, "validation_split_percentage": 0.0}
+              "eval_steps": 0, "logging_steps": 1, "num_threads": 1, "validation_split_percentage": 0.0, "mlflow_experiment": "ddp-experiment"}
     metrics = steps.pretrain(str(tiny_base), str(vocab_run), str(data), str(tmp_path / "run"), params)
     assert metrics["world_size"] == 2 and metrics["steps"] == 3
-    tracker = tracking.Tracker(run_id="ddp-step")
+    tracker = tracking.Tracker(run_id="ddp-step", experiment="ddp-experiment")
     runs = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{tracker.parent_run_id()}'")
     assert [r.data.tags["mlflow.runName"] for r in runs] == ["pretrain_stage2"]
+    default = tracker.client.get_experiment_by_name("zhllama")
+    assert default is None or not tracker.client.search_runs([default.experiment_id]), "a rank tracked into the default experiment"

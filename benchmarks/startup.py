@@ -1,0 +1,102 @@
+"""Per-step start-up: seconds from a step's process start to the moment its own work can begin
+(the imports the step needs: kfp's executor, zhllama's step module and the stage's libraries),
+with and without a bytecode cache, on the host venv and in the step image (container start
+included). ``without bytecode`` is emulated exactly: ``PYTHONPYCACHEPREFIX`` points at an empty
+folder and nothing is written, so every module compiles from source, as it did before the
+bytecode was compiled at install time.
+
+    python -m benchmarks.startup [--image TAG] [--repeat 3] [--out runs/bench/startup.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# What each step imports before its work starts (components/*.py -> zhllama.steps -> the stage).
+STEP_IMPORTS = {
+    "data": "zhllama.datasets",
+    "vocab": "zhllama.vocab, zhllama.stages",
+    "pretrain": "zhllama.pretrain, zhllama.stages",
+    "merge": "zhllama.merge, zhllama.stages",
+    "sft": "zhllama.sft, zhllama.stages",
+    "evaluate": "zhllama.evaluate, zhllama.stages",
+    "register": "zhllama.registry, zhllama.stages",
+}
+
+
+def _snippet(modules: str) -> str:
+    return f"import kfp.dsl.executor_main, zhllama.steps, zhllama.tracking, {modules}"
+
+
+def _time(cmd: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def measure(image: str | None, repeat: int) -> dict[str, dict[str, float]]:
+    from zhllama import containers
+
+    results: dict[str, dict[str, float]] = {}
+    empty = tempfile.mkdtemp(prefix="zhllama-nopyc-")
+    host_env = {**os.environ}
+    for step, modules in STEP_IMPORTS.items():
+        row: dict[str, float] = {}
+        variants = {
+            "host, bytecode": ([sys.executable, "-c", _snippet(modules)], host_env),
+            "host, no bytecode": ([sys.executable, "-c", _snippet(modules)], {**host_env, "PYTHONPYCACHEPREFIX": empty,
+                                                                                "PYTHONDONTWRITEBYTECODE": "1"}),
+        }
+        if image:
+            cli, env = containers.docker_cli(), containers.engine_env()
+            base = [cli, "run", "--rm", "--network", "host"]
+            variants["container, bytecode"] = ([*base, image, "python", "-c", _snippet(modules)], env)
+            variants["container, no bytecode"] = ([*base, "-e", "PYTHONPYCACHEPREFIX=/tmp/nopyc", "-e", "PYTHONDONTWRITEBYTECODE=1", image,
+                                                   "python", "-c", _snippet(modules)], env)
+            variants["container start alone"] = ([*base, image, "true"], env)
+        for name, (cmd, env) in variants.items():
+            row[name] = round(statistics.median(_time(cmd, env) for _ in range(repeat)), 2)
+        results[step] = row
+        print(step, json.dumps(row), flush=True)
+    return results
+
+
+def table(results: dict[str, dict[str, float]]) -> str:
+    columns = list(next(iter(results.values())))
+    lines = ["| step | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+    lines += [f"| {step} | " + " | ".join(f"{row[c]:.1f} s" for c in columns) + " |" for step, row in results.items()]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", default=None, help="also measure in this image (default: this code's local tag, when built)")
+    parser.add_argument("--no-image", action="store_true")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", default="runs/bench/startup.json")
+    args = parser.parse_args()
+    image = None
+    if not args.no_image:
+        from components.images import IMAGE_CPU
+        from zhllama import containers
+
+        image = args.image or containers.local_tag(IMAGE_CPU)
+        if containers.docker_host() is None:
+            image = None
+    results = measure(image, args.repeat)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"image": image, "results": results}, indent=2))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

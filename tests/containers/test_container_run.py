@@ -1,0 +1,146 @@
+"""The container path, for real: the image `make images` built, run by the engine the project
+starts, as the image's non-root user; the checked-in compiled YAML run step by step in
+containers through kfp.local's DockerRunner against the real MLflow server and object store.
+
+Needs a Docker engine or Debian's docker.io (`make setup-containers`): the fixture starts the
+project's own engine when none answers and builds the image when this code's tag is missing.
+Without either these tests skip, except under CI, where they fail."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.pipelines.test_local_run import STEPS, TINY
+
+pytestmark = [pytest.mark.containers, pytest.mark.services, pytest.mark.slow]
+
+
+def _docker(engine: dict, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([engine["cli"], *args], capture_output=True, text=True, env=engine["env"], timeout=600, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """The engine (the project's own is started when none answers, and stopped again) and the
+    image of this checkout's code (its code tag), built when missing, as `make images` does."""
+    import shutil
+
+    from components.images import IMAGE_CPU
+    from zhllama import containers
+
+    def missing(reason: str):
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI runs `make setup-containers` before `make test`)")
+        pytest.skip(reason)
+
+    started = False
+    host = containers.docker_host()
+    if host is None:
+        if not shutil.which("dockerd") and not os.access("/usr/sbin/dockerd", os.X_OK):
+            missing("no container engine answers and dockerd is not installed: make setup-containers")
+        host, started = containers.start_engine(), True
+    image = containers.local_tag(IMAGE_CPU)
+    engine = {"cli": containers.docker_cli(), "env": {**os.environ, "DOCKER_HOST": host}, "image": image}
+    try:
+        if _docker(engine, "image", "inspect", image).returncode != 0:
+            containers.build_image(IMAGE_CPU, "cpu")  # seconds when only the code changed
+        yield engine
+    finally:
+        if started:
+            containers.stop_engine()
+
+
+def test_image_runs_as_a_non_root_user_with_writable_caches_fonts_and_bytecode(engine) -> None:
+    script = """
+import json, os, pathlib, tempfile
+from matplotlib import font_manager
+import zhllama.steps, transformers, mlflow
+out = {"uid": os.getuid(), "home": os.environ["HOME"]}
+for var in ("HOME", "HF_HOME", "MPLCONFIGDIR", "ZHLLAMA_CACHE_DIR"):
+    path = pathlib.Path(os.environ[var]); path.mkdir(parents=True, exist_ok=True)
+    (path / "probe").write_text("ok"); out[var] = "writable"
+out["tmp"] = tempfile.mkdtemp()
+out["cjk_fonts"] = sorted({f.name for f in font_manager.fontManager.ttflist if "WenQuanYi" in f.name or "CJK" in f.name})
+site = pathlib.Path(transformers.__file__).parent
+out["pyc"] = len(list(site.rglob("*.pyc"))); out["py"] = len(list(site.rglob("*.py")))
+print(json.dumps(out))
+"""
+    done = _docker(engine, "run", "--rm", "--network", "host", engine["image"], "python", "-c", script)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["uid"] == 1000 and out["home"] == "/home/zhllama"
+    assert all(out[v] == "writable" for v in ("HOME", "HF_HOME", "MPLCONFIGDIR", "ZHLLAMA_CACHE_DIR"))
+    assert out["cjk_fonts"], "no CJK font: the report's Chinese labels would render as boxes"
+    assert out["pyc"] >= out["py"] * 0.9, f"bytecode not compiled at build time ({out['pyc']} .pyc for {out['py']} .py)"
+    # a cluster may assign an arbitrary uid (group 0): the caches stay writable
+    other = _docker(engine, "run", "--rm", "--user", "123456:0", engine["image"], "python", "-c",
+                    "import os, pathlib; p = pathlib.Path(os.environ['HF_HOME']); p.mkdir(parents=True, exist_ok=True); (p / 'x').write_text('ok')")
+    assert other.returncode == 0, other.stderr[-1000:]
+
+
+def test_host_ca_bundle_is_not_in_the_image(engine) -> None:
+    from zhllama.containers import ca_bundle
+
+    bundle = ca_bundle()
+    if bundle is None:
+        pytest.skip("this host's pip names no CA bundle")
+    digest = hashlib.sha256(Path(bundle).read_bytes()).hexdigest()
+    size = Path(bundle).stat().st_size
+    done = _docker(engine, "run", "--rm", "-u", "0", engine["image"], "sh", "-c",
+                   f"find / -xdev -type f -size {size}c -exec sha256sum {{}} + 2>/dev/null; ls /run/secrets 2>/dev/null; true")
+    assert digest not in done.stdout, f"the host CA bundle {bundle} was baked into the image"
+    assert "ca" not in done.stdout.split()
+
+
+def test_compiled_yaml_is_current_and_runs_in_containers_then_is_all_cache(engine, services, tmp_path_factory, monkeypatch) -> None:
+    """The YAML on disk equals a fresh compile; run it (not the Python DAG) with every step in a
+    container; it registers a champion; a second run is all cache."""
+    from pipelines.local import run_local
+    from pipelines.submit import COMPILED, compile_pipeline
+    from zhllama import registry, tracking
+
+    fresh = compile_pipeline(tmp_path_factory.mktemp("compile") / "fresh.yaml")
+    assert list(yaml.safe_load_all(fresh.read_text())) == list(yaml.safe_load_all(COMPILED[0].read_text())), "stale: make compile"
+
+    root = tmp_path_factory.mktemp("kfpc")
+    name = f"containers-{uuid.uuid4().hex[:6]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", services.mlflow_uri)
+    runs = []
+    for attempt in ("first", "second"):
+        monkeypatch.setenv("ZHLLAMA_PIPELINE_RUN_ID", f"{attempt}-{name}")
+        runs.append(run_local(None, {**TINY, "register_model_name": name}, pipeline_root=root / "outputs", cache_root=root / "cache",
+                              containers=True))
+    first, second = runs
+    ran = {s.rsplit("-", 1)[0] if s[-1].isdigit() else s for s in first["step_seconds"]}
+    assert STEPS <= ran, f"steps that did not run: {STEPS - ran}"
+    assert first["registered"]["champion"] == first["registered"]["latest_version"] == "1"
+    client = tracking.client()
+    champion = registry.champion_version(client, name)
+    assert champion.tags["zhllama.pipeline_run_id"] == first["pipeline_run_id"]
+    # the steps ran in containers, as the image's user: their outputs on the bind-mounted root are its files
+    report = Path(first["report"])
+    assert report.stat().st_uid == (1000 if os.geteuid() == 0 else os.getuid())
+    assert set(second["step_seconds"]) == {"prerequisites"}, second["step_seconds"]
+    assert second["registered"]["latest_version"] == "1"
+
+
+def test_a_rejected_parameter_fails_the_run_with_its_error_and_is_never_cached(engine, services, tmp_path_factory, monkeypatch) -> None:
+    from pipelines.local import StepFailed, run_local
+
+    root = tmp_path_factory.mktemp("kfpfail")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", services.mlflow_uri)
+    monkeypatch.setenv("ZHLLAMA_PIPELINE_RUN_ID", f"fail-{uuid.uuid4().hex[:6]}")
+    wrong = {**TINY, "data_md5": "0" * 32 + ".dir"}  # well-formed, but not the data's: the data step rejects it after its work
+    for _ in range(2):  # the second run must run the step again, not take its partial output from the cache
+        with pytest.raises(StepFailed, match=r"step data failed: .*data_md5=0{32}\.dir"):
+            run_local(None, wrong, pipeline_root=root / "outputs", cache_root=root / "cache", containers=True)
+    cached = [json.loads(p.read_text()) for p in (root / "cache").glob("*.json")]
+    assert not any("dataset" in entry for entry in cached), "the failed data step left a cache entry"
