@@ -35,6 +35,8 @@ setup: ## create .venv and install the pinned stack (requirements.lock) and zhll
 	@test -x $(UV) || $(PY) -m pip install -q "uv==$(UV_VERSION)"
 	$(UV) pip install --python $(PY) --compile-bytecode --find-links $(FIND_LINKS) -r requirements.lock
 	$(UV) pip install --python $(PY) --compile-bytecode --no-deps -e .
+	@test -f $(VENV)/.bytecode-compiled || { echo "compiling the bytecode of an older .venv (once)"; \
+	  $(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1 || true; touch $(VENV)/.bytecode-compiled; }
 	@$(PY) -c "import torch, transformers, peft, kfp, mlflow, dvc, sentencepiece; print('ok: torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| kfp', kfp.__version__, '| mlflow', mlflow.__version__)"
 
 lock: ## re-resolve requirements.in into requirements.lock (seconds with uv)
@@ -102,9 +104,10 @@ bench: ## zhllama vs the seed-literal recipe baseline, and merge, vocab, scale, 
 	test -d data || $(MAKE) data
 	$(SERVICE_ENV) && $(PY) -m benchmarks.bench $(BENCH_ARGS)
 
-setup-containers: ## one-time, as root: Debian's docker.io (engine + CLI) and mmdebstrap (a local base image where no registry answers)
-	@if command -v dockerd >/dev/null && command -v mmdebstrap >/dev/null; then echo "docker.io and mmdebstrap are installed"; \
-	else apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker.io mmdebstrap; fi
+setup-containers: ## one-time, as root: Debian's docker.io (engine + CLI), mmdebstrap (a local base where no registry answers), docker-registry (tests)
+	@if command -v dockerd >/dev/null && command -v mmdebstrap >/dev/null && command -v docker-registry >/dev/null; then \
+	  echo "docker.io, mmdebstrap and docker-registry are installed"; \
+	else apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker.io mmdebstrap docker-registry; fi
 
 engine: ## use the running Docker engine, or start the project's own (unix socket in .services/docker, stopped by PID)
 	$(PY) -m zhllama.containers up
@@ -120,13 +123,11 @@ images-cuda: ## build the CUDA image (torch's CUDA wheels from PyPI; several GB)
 	@$(PY) -m zhllama.containers status >/dev/null 2>&1 || $(MAKE) engine
 	$(PY) -m components.images build cuda $(if $(PUSH),--push)
 
-run-containers: ## the checked-in compiled YAML through kfp.local's DockerRunner: every step in its own container (needs make images)
+run-containers: images ## the checked-in compiled YAML through kfp.local's DockerRunner: every step in its own container (builds the image first: seconds when only code changed)
 	@$(PY) -m zhllama.services status >/dev/null 2>&1 || $(MAKE) services
-	@$(PY) -m zhllama.containers status >/dev/null 2>&1 || $(MAKE) engine
 	$(SERVICE_ENV) && $(PY) -m pipelines.local --containers --preset $(PRESET) $(RUN_ARGS)
 
-test-containers: ## the container tests: the compiled YAML run step by step in the image, as its non-root user (needs make images)
-	@$(PY) -m zhllama.containers status >/dev/null 2>&1 || $(MAKE) engine
+test-containers: ## only the container tests (make test runs them too): the compiled YAML step by step in the image, as its non-root user
 	$(PY) -m pytest -q -m containers
 
 promote: ## move champion by hand: make promote VERSION=3 REASON="..."

@@ -32,7 +32,6 @@ log = logging.getLogger("zhllama.run")
 OUTPUTS = PROJECT_ROOT / ".kfp_outputs"
 CACHE = PROJECT_ROOT / ".kfp_cache"
 COMPILED = PROJECT_ROOT / "pipelines" / "chinese_llama_alpaca.yaml"
-_IMAGE_LINE = re.compile(r"^(\s*image: )(\S+/zhllama-(?:cpu|cuda)):(\S+)$", re.MULTILINE)
 
 
 class StepFailed(RuntimeError):
@@ -127,14 +126,17 @@ def container_pipeline(pipeline_yaml: Path = COMPILED):
     disk, and a code change is a new image, so a new cache key for every step."""
     from kfp import components
 
+    from components.images import retag
     from zhllama.containers import code_version as image_code_version
     from zhllama.containers import local_tag
 
-    code = image_code_version()
-    text = Path(pipeline_yaml).read_text(encoding="utf-8")
-    if not _IMAGE_LINE.search(text):
-        raise StepFailed(f"{pipeline_yaml}: names no zhllama image; compile it with `make compile`")
-    return components.load_component_from_text(_IMAGE_LINE.sub(lambda m: f"{m[1]}{local_tag(m[2] + ':x', code)}", text))
+    codes = {kind: image_code_version(kind=kind) for kind in ("cpu", "cuda")}
+    try:
+        text = retag(Path(pipeline_yaml).read_text(encoding="utf-8"),
+                     lambda repository: local_tag(repository + ":x", codes["cuda" if repository.endswith("-cuda") else "cpu"]))
+    except ValueError as err:
+        raise StepFailed(f"{pipeline_yaml}: {err}") from None
+    return components.load_component_from_text(text)
 
 
 def docker_runner(pipeline_root: Path, run_id: str, arguments: dict[str, Any]):

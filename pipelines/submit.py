@@ -64,15 +64,39 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
     return args
 
 
+def check_images(images: list[str]) -> dict[str, str]:
+    """Each image's state in its registry: ``present``, or ``unchecked: why`` when the registry
+    cannot say (unreachable, private without credentials). A missing tag is an error: the run
+    would fail on the cluster pulling it, or run other code under an old tag."""
+    from zhllama.containers import image_in_registry
+
+    states = {}
+    for image in images:
+        found, why = image_in_registry(image)
+        if found is False:
+            raise InputError(f"image {image} does not exist in its registry ({why}): build and push it first "
+                             f"(ZHLLAMA_IMAGE_TAG=<tag> make images images-cuda PUSH=1)")
+        states[image] = "present" if found else f"unchecked: {why}"
+    return states
+
+
 def submit(host: str, experiment: str, params: list[str], run_name: str | None = None, gpus: int = 0, dry_run: bool = False,
-           package: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+           package: str | os.PathLike[str] | None = None, image_tag: str | None = None) -> dict[str, Any]:
     """Compile, then create a run on ``host`` (auth from ``KF_PIPELINES_*`` env / kube config, as
-    ``kfp.Client`` reads them). ``dry_run`` returns what would be sent and sends nothing."""
+    ``kfp.Client`` reads them). ``image_tag``: the steps' images under that tag (CI: the commit it
+    built and pushed); every image is checked in its registry first where the registry can say.
+    ``dry_run`` returns what would be sent and sends nothing."""
+    from components.images import images_in, retag
+
     arguments = parse_params(params)
     package_path = Path(package) if package else PROJECT_ROOT / ".kfp_outputs" / "submit" / COMPILED[1 if gpus else 0].name
     package_path.parent.mkdir(parents=True, exist_ok=True)
     compile_pipeline(package_path, gpus)
-    plan = {"host": host, "experiment": experiment, "run_name": run_name, "package": str(package_path), "arguments": arguments}
+    if image_tag:
+        package_path.write_text(retag(package_path.read_text(encoding="utf-8"), image_tag), encoding="utf-8")
+    images = check_images(images_in(package_path.read_text(encoding="utf-8")))
+    plan = {"host": host, "experiment": experiment, "run_name": run_name, "package": str(package_path), "arguments": arguments,
+            "images": images}
     if dry_run:
         return {**plan, "submitted": False}
     import kfp

@@ -170,7 +170,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    plan = _pipelines().submit(args.host, args.experiment or "zhllama", args.param, args.run_name, args.gpus, args.dry_run)
+    plan = _pipelines().submit(args.host, args.experiment or "zhllama", args.param, args.run_name, args.gpus, args.dry_run,
+                               image_tag=args.image_tag)
     print(json.dumps(plan, ensure_ascii=False, indent=2, default=str))
     if not plan["submitted"]:
         print("dry run: nothing submitted")
@@ -188,7 +189,8 @@ def cmd_retrain_if_changed(args: argparse.Namespace) -> int:
           f"{state['champion_data_md5'] or '(nothing)'}")
     if args.host:
         params = [*args.param, f"data_revision={args.data_revision}"] if args.data_revision else list(args.param)
-        plan = _pipelines().submit(args.host, args.experiment or "zhllama", params, args.run_name, args.gpus, args.dry_run)
+        plan = _pipelines().submit(args.host, args.experiment or "zhllama", params, args.run_name, args.gpus, args.dry_run,
+                                   image_tag=args.image_tag)
         print(json.dumps(plan, ensure_ascii=False, indent=2, default=str))
         print("submitted" if plan["submitted"] else "dry run: nothing submitted")
     elif args.dry_run:
@@ -309,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--run_name", default=None)
         p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a pipeline parameter, e.g. pt_lora_rank=16 (repeatable)")
         p.add_argument("--gpus", type=int, default=0, help="GPUs per training step (the CUDA pipeline variant)")
+        p.add_argument("--image_tag", "--image-tag", dest="image_tag", default=None,
+                       help="run the steps in the images under this tag (CI: the commit it pushed); default: the compiled one (the version)")
         p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="print what would be submitted; send nothing")
 
     p = sub.add_parser("submit", help="compile and submit the pipeline to a Kubeflow Pipelines endpoint")

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -177,10 +178,10 @@ def engine_env(settings: Settings | None = None) -> dict[str, str]:
 # --- images --------------------------------------------------------------------------------------
 
 
-def code_version(root: Path = PROJECT_ROOT) -> str:
-    """A hash of what the image holds (IMAGE_INPUTS and the Dockerfile), 12 hex digits."""
+def code_version(root: Path = PROJECT_ROOT, kind: str = "cpu") -> str:
+    """A hash of what the image holds (IMAGE_INPUTS and its Dockerfile), 12 hex digits."""
     digest = hashlib.sha256()
-    files = [root / "images" / "Dockerfile.cpu"]
+    files = [root / "images" / f"Dockerfile.{kind}"]
     for name in IMAGE_INPUTS:
         path = root / name
         files += sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) if path.is_dir() else [path]
@@ -287,7 +288,7 @@ def build_image(image: str, kind: str = "cpu", push: bool = False, root: Path = 
     env = engine_env()
     base = base_image(cli, env)
     _stage_wheels(root)
-    code = code_version(root)
+    code = code_version(root, kind)
     tags = list(dict.fromkeys([image, local_tag(image, code)]))
     cmd = [cli, "build", "--network", "host", "-f", str(root / "images" / f"Dockerfile.{kind}"), "--build-arg", f"BASE_IMAGE={base}",
            "--build-arg", f"GIT_COMMIT={_git_commit(root)}", "--build-arg", f"CODE_VERSION={code}"]
@@ -305,12 +306,80 @@ def build_image(image: str, kind: str = "cpu", push: bool = False, root: Path = 
         raise ContainerError(f"building images/Dockerfile.{kind} failed (exit {done.returncode}); the build log is above")
     seconds = time.perf_counter() - started
     size = subprocess.run([cli, "image", "inspect", "--format", "{{.Size}}", tags[0]], capture_output=True, text=True, env=env).stdout.strip()
+    _drop_stale_code_tags(cli, env, tags[-1])
     if push:
         for tag in tags:
             subprocess.run([cli, "push", tag], check=True, env=env)
     result = {"tags": tags, "base": base, "seconds": round(seconds, 1), "size_mb": round(int(size or 0) / 1e6)}
     log.info("built %s in %.0f s, %s MB", ", ".join(tags), seconds, result["size_mb"])
     return result
+
+
+_MANIFESTS = ", ".join([
+    "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json", "application/vnd.docker.distribution.manifest.v2+json"])
+
+
+def image_in_registry(image: str, timeout: float = 5) -> tuple[bool | None, str]:
+    """Whether ``registry/repository:tag`` exists, by the registry's v2 API (anonymous, or
+    ``$ZHLLAMA_REGISTRY_USERNAME``/``$ZHLLAMA_REGISTRY_PASSWORD`` for the token): True, False,
+    or None when the registry cannot say (unreachable, needs other credentials); and why."""
+    import base64
+    import re
+
+    reference, _, tag = image.rpartition(":")
+    if not reference or "/" in tag:
+        return None, f"{image}: no tag"
+    host, _, repository = reference.partition("/")
+    if not repository or ("." not in host and ":" not in host and host != "localhost"):
+        host, repository = "registry-1.docker.io", reference if "/" in reference else f"library/{reference}"
+    scheme = "http" if host.startswith(("localhost", "127.")) else "https"
+    url = f"{scheme}://{host}/v2/{repository}/manifests/{tag}"
+    user, password = os.environ.get("ZHLLAMA_REGISTRY_USERNAME"), os.environ.get("ZHLLAMA_REGISTRY_PASSWORD")
+
+    def head(headers: dict[str, str]) -> tuple[int, dict[str, str]]:
+        request = urllib.request.Request(url, method="HEAD", headers={"Accept": _MANIFESTS, **headers})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, dict(response.headers)
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers)
+
+    try:
+        status, headers = head({})
+        challenge = headers.get("WWW-Authenticate") or headers.get("Www-Authenticate") or ""
+        if status == 401 and challenge.lower().startswith("bearer"):
+            fields = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+            query = urllib.parse.urlencode({"service": fields.get("service", host), "scope": f"repository:{repository}:pull"})
+            token_request = urllib.request.Request(f"{fields['realm']}?{query}")
+            if user and password:
+                token_request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+            with urllib.request.urlopen(token_request, timeout=timeout) as response:
+                body = json.loads(response.read())
+            status, _ = head({"Authorization": f"Bearer {body.get('token') or body.get('access_token')}"})
+        elif status == 401 and user and password:
+            status, _ = head({"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()})
+    except (urllib.error.URLError, OSError, ValueError, KeyError) as err:
+        return None, f"{host} did not answer ({getattr(err, 'reason', err)})"
+    if status == 200:
+        return True, f"found at {url}"
+    if status == 404:
+        return False, f"HTTP 404 from {url}"
+    return None, f"HTTP {status} from {url} (credentials: ZHLLAMA_REGISTRY_USERNAME/ZHLLAMA_REGISTRY_PASSWORD)"
+
+
+def _drop_stale_code_tags(cli: str, env: dict[str, str], current: str) -> None:
+    """Untag earlier ``<version>-<code hash>`` builds of the same repository (each is ~2.7 GB of
+    layers once nothing else shares them); the version tag and other tags are left alone."""
+    import re
+
+    repository = current.rsplit(":", 1)[0]
+    listed = subprocess.run([cli, "image", "ls", repository, "--format", "{{.Tag}}"], capture_output=True, text=True, env=env).stdout.split()
+    stale = [f"{repository}:{t}" for t in listed if re.fullmatch(rf"{re.escape(__version__)}-[0-9a-f]{{12}}", t) and f"{repository}:{t}" != current]
+    if stale:
+        subprocess.run([cli, "image", "rm", *stale], capture_output=True, env=env)
+        subprocess.run([cli, "image", "prune", "-f"], capture_output=True, env=env)
+        log.info("untagged %d earlier code builds of %s", len(stale), repository)
 
 
 def _git_commit(root: Path) -> str:

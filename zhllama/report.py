@@ -10,6 +10,9 @@ from typing import Any
 
 PLOTS_DIR = "plots"
 MODEL_LABELS = {"base": "base", "pt_merged": "PT merged", "final": "final (PT+SFT)"}
+# Latin from DejaVu, Chinese (labels, task options, sample prompts) from the first CJK font found
+# (matplotlib falls back glyph by glyph): the images carry WenQuanYi Micro Hei.
+FONTS = ["DejaVu Sans", "WenQuanYi Micro Hei", "Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "SimHei"]
 
 
 def _figure():
@@ -17,6 +20,8 @@ def _figure():
 
     matplotlib.use("Agg")  # no display in containers or CI
     import matplotlib.pyplot as plt
+
+    plt.rcParams["font.sans-serif"] = FONTS + [f for f in plt.rcParams["font.sans-serif"] if f not in FONTS]
 
     return plt
 

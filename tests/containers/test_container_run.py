@@ -11,51 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.containers.conftest import docker as _docker
 from tests.pipelines.test_local_run import STEPS, TINY
 
 pytestmark = [pytest.mark.containers, pytest.mark.services, pytest.mark.slow]
-
-
-def _docker(engine: dict, *args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([engine["cli"], *args], capture_output=True, text=True, env=engine["env"], timeout=600, **kwargs)
-
-
-@pytest.fixture(scope="session")
-def engine():
-    """The engine (the project's own is started when none answers, and stopped again) and the
-    image of this checkout's code (its code tag), built when missing, as `make images` does."""
-    import shutil
-
-    from components.images import IMAGE_CPU
-    from zhllama import containers
-
-    def missing(reason: str):
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason} (CI runs `make setup-containers` before `make test`)")
-        pytest.skip(reason)
-
-    started = False
-    host = containers.docker_host()
-    if host is None:
-        if not shutil.which("dockerd") and not os.access("/usr/sbin/dockerd", os.X_OK):
-            missing("no container engine answers and dockerd is not installed: make setup-containers")
-        host, started = containers.start_engine(), True
-    image = containers.local_tag(IMAGE_CPU)
-    engine = {"cli": containers.docker_cli(), "env": {**os.environ, "DOCKER_HOST": host}, "image": image}
-    try:
-        if _docker(engine, "image", "inspect", image).returncode != 0:
-            containers.build_image(IMAGE_CPU, "cpu")  # seconds when only the code changed
-        yield engine
-    finally:
-        if started:
-            containers.stop_engine()
 
 
 def test_image_runs_as_a_non_root_user_with_writable_caches_fonts_and_bytecode(engine) -> None:
@@ -69,6 +34,13 @@ for var in ("HOME", "HF_HOME", "MPLCONFIGDIR", "ZHLLAMA_CACHE_DIR"):
     (path / "probe").write_text("ok"); out[var] = "writable"
 out["tmp"] = tempfile.mkdtemp()
 out["cjk_fonts"] = sorted({f.name for f in font_manager.fontManager.ttflist if "WenQuanYi" in f.name or "CJK" in f.name})
+import warnings
+from zhllama.report import _figure
+plt = _figure()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fig = plt.figure(); fig.text(0.1, 0.5, "正面 负面 请用一句话介绍北京"); fig.savefig(tempfile.mktemp(suffix=".png"))
+out["glyph_warnings"] = [str(w.message) for w in caught if "Glyph" in str(w.message)]
 site = pathlib.Path(transformers.__file__).parent
 out["pyc"] = len(list(site.rglob("*.pyc"))); out["py"] = len(list(site.rglob("*.py")))
 print(json.dumps(out))
@@ -79,6 +51,7 @@ print(json.dumps(out))
     assert out["uid"] == 1000 and out["home"] == "/home/zhllama"
     assert all(out[v] == "writable" for v in ("HOME", "HF_HOME", "MPLCONFIGDIR", "ZHLLAMA_CACHE_DIR"))
     assert out["cjk_fonts"], "no CJK font: the report's Chinese labels would render as boxes"
+    assert not out["glyph_warnings"], out["glyph_warnings"]
     assert out["pyc"] >= out["py"] * 0.9, f"bytecode not compiled at build time ({out['pyc']} .pyc for {out['py']} .py)"
     # a cluster may assign an arbitrary uid (group 0): the caches stay writable
     other = _docker(engine, "run", "--rm", "--user", "123456:0", engine["image"], "python", "-c",
