@@ -5,7 +5,12 @@ included). ``without bytecode`` is emulated exactly: ``PYTHONPYCACHEPREFIX`` poi
 folder and nothing is written, so every module compiles from source, as it did before the
 bytecode was compiled at install time.
 
-    python -m benchmarks.startup [--image TAG] [--repeat 3] [--out runs/bench/startup.json]
+``--pretrain RUN_DIR`` also times ``zhllama pretrain`` (default preset, one step) from process
+start to the end of its first optimizer step, on the base, vocabulary and data of a finished
+``make run`` (``.kfp_outputs/<run>``), host and container, with and without bytecode; the block
+cache is warm in both, so the figure is start-up plus one step.
+
+    python -m benchmarks.startup [--image TAG] [--repeat 3] [--pretrain .kfp_outputs/<run>] [--out runs/bench/startup.json]
 """
 
 from __future__ import annotations
@@ -69,6 +74,42 @@ def measure(image: str | None, repeat: int) -> dict[str, dict[str, float]]:
     return results
 
 
+def measure_pretrain(run_dir: Path, image: str | None, repeat: int) -> dict[str, float]:
+    """Seconds to the first optimizer step of ``zhllama pretrain`` (exits after it)."""
+    from zhllama import containers
+
+    run_dir = run_dir.resolve()
+    base, tokenizer, train = run_dir / "base" / "model", run_dir / "vocab" / "tokenizer" / "tokenizer", run_dir / "data" / "dataset" / "corpus" / "train.txt"
+    out = Path(tempfile.mkdtemp(prefix="zhllama-startup-"))
+    os.chmod(out, 0o777)
+    preset = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+    flags = ["--max_steps", "1", "--save_steps", "0", "--eval_steps", "0", "--logging_steps", "1"]
+    empty = tempfile.mkdtemp(prefix="zhllama-nopyc-")
+    host = [sys.executable, "-m", "zhllama.cli", "pretrain", "--preset", str(preset), "--base_model", str(base), "--tokenizer", str(tokenizer),
+            "--train", str(train), *flags]
+    env = {**os.environ, "ZHLLAMA_CACHE_DIR": str(out / "cache"), "MLFLOW_TRACKING_URI": "", "ZHLLAMA_MLRUNS": str(out / "mlruns")}
+    variants = {"host, bytecode": (host, env), "host, no bytecode": (host, {**env, "PYTHONPYCACHEPREFIX": empty, "PYTHONDONTWRITEBYTECODE": "1"})}
+    if image:
+        cli, engine = containers.docker_cli(), containers.engine_env()
+        inside = ["python", "-m", "zhllama.cli", "pretrain", "--preset", "/opt/zhllama/configs/default.yaml", "--base_model", str(base),
+                  "--tokenizer", str(tokenizer), "--train", str(train), *flags]
+        run = [cli, "run", "--rm", "--network", "host", "-v", f"{run_dir}:{run_dir}:ro", "-v", f"{out}:{out}", "-e",
+               f"ZHLLAMA_CACHE_DIR={out}/ccache", "-e", f"ZHLLAMA_MLRUNS={out}/cmlruns"]
+        variants["container, bytecode"] = ([*run, image, *inside], engine)
+        variants["container, no bytecode"] = ([*run, "-e", "PYTHONPYCACHEPREFIX=/tmp/nopyc", "-e", "PYTHONDONTWRITEBYTECODE=1", image, *inside], engine)
+    row = {}
+    for name, (cmd, run_env) in variants.items():
+        times = []
+        for i in range(repeat + 1):  # the first fills the block cache
+            target = out / f"{name.replace(', ', '-').replace(' ', '-')}-{i}"
+            seconds = _time([*cmd, "--out", str(target)], run_env)
+            if i:
+                times.append(seconds)
+        row[name] = round(statistics.median(times), 1)
+        print("pretrain to first step", name, row[name], flush=True)
+    return row
+
+
 def table(results: dict[str, dict[str, float]]) -> str:
     columns = list(next(iter(results.values())))
     lines = ["| step | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
@@ -81,6 +122,7 @@ def main() -> int:
     parser.add_argument("--image", default=None, help="also measure in this image (default: this code's local tag, when built)")
     parser.add_argument("--no-image", action="store_true")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--pretrain", default=None, help="a finished make run's pipeline-run folder under .kfp_outputs")
     parser.add_argument("--out", default="runs/bench/startup.json")
     args = parser.parse_args()
     image = None
@@ -92,6 +134,8 @@ def main() -> int:
         if containers.docker_host() is None:
             image = None
     results = measure(image, args.repeat)
+    if args.pretrain:
+        results["pretrain to first step"] = measure_pretrain(Path(args.pretrain), image, args.repeat)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"image": image, "results": results}, indent=2))
     print(table(results))

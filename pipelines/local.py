@@ -118,6 +118,9 @@ def run_local(preset: str | Path | None = None, overrides: dict[str, Any] | None
 # --- containers ------------------------------------------------------------------------------------
 
 _container_errors: list[str] = []  # the last error line of each failed container, for StepFailed
+_runner_env: dict[str, str] = {}  # kfp.local replaces the runner's environment with a task's own env: both are kept
+_runner_mounts: dict[str, dict[str, str]] = {}  # read-only host files the steps need besides the pipeline root
+MOUNTED_BASE_TOKENIZER = "/opt/zhllama-inputs/base-tokenizer.model"
 
 
 def container_pipeline(pipeline_yaml: Path = COMPILED):
@@ -154,6 +157,18 @@ def docker_runner(pipeline_root: Path, run_id: str, arguments: dict[str, Any]):
     env = {**get_settings().s3_env(), "ZHLLAMA_PIPELINE_RUN_ID": run_id}
     if uri := arguments.get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"):
         env["MLFLOW_TRACKING_URI"] = uri
+    # The base step takes the same base tokenizer as `make run` here (../shared's LLaMA one when it
+    # is beside the checkout, or $ZHLLAMA_BASE_TOKENIZER), mounted read-only; the image's own
+    # fallback (the mistral-common wheel's) needs no mount.
+    from zhllama.vocab import BASE_TOKENIZER_ENV, resolve_base_tokenizer
+
+    _runner_mounts.clear()
+    tokenizer = resolve_base_tokenizer().resolve()
+    if not str(tokenizer).startswith(sys.prefix):
+        _runner_mounts[str(tokenizer)] = {"bind": MOUNTED_BASE_TOKENIZER, "mode": "ro"}
+        env[BASE_TOKENIZER_ENV] = MOUNTED_BASE_TOKENIZER
+    _runner_env.clear()
+    _runner_env.update(env)
     uid = containers.STEP_UID if os.geteuid() == 0 else os.getuid()
     pipeline_root.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
@@ -166,7 +181,8 @@ def run_container(client, image: str, command: list[str], volumes: dict[str, Any
     """kfp.local's container run, with the exit code kept: kfp 2.17.0 starts containers with
     auto-remove and reads the exit code afterwards, so a container removed first counts as a
     success (and podman's API loses it outright). Here the container is removed only after
-    its code is read. A missing image fails at once, naming the target that builds it."""
+    its code is read. A missing image fails at once, naming the target that builds it. A task
+    with an env of its own keeps the runner's environment too (kfp.local would replace it)."""
     import codecs
 
     import docker
@@ -175,8 +191,9 @@ def run_container(client, image: str, command: list[str], volumes: dict[str, Any
         client.images.get(image)
     except docker.errors.ImageNotFound:
         raise StepFailed(f"image {image} is not built: run `make images` (it is tagged with the code's hash)") from None
-    container = client.containers.run(image=image, command=command, detach=True, stdout=True, stderr=True, volumes=volumes,
-                                      auto_remove=False, **run_args)
+    run_args["environment"] = {**_runner_env, **(run_args.get("environment") or {})}
+    container = client.containers.run(image=image, command=command, detach=True, stdout=True, stderr=True,
+                                      volumes={**volumes, **_runner_mounts}, auto_remove=False, **run_args)
     decoder, last_error = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
     try:
         pending = ""
@@ -211,6 +228,9 @@ def where_to_look(run_id: str, arguments: dict[str, Any], pipeline_root: Path) -
 
     reports = sorted(pipeline_root.rglob("report"), key=lambda p: p.stat().st_mtime)
     found: dict[str, Any] = {"report": str(reports[-1]) if reports else None}  # the newest one written
+    scores = sorted((p for p in pipeline_root.rglob("metrics") if p.is_file() and p.parent.name.startswith("evaluate")),
+                    key=lambda p: p.stat().st_mtime)
+    found["evaluation"] = json.loads(scores[-1].read_text(encoding="utf-8")) if scores else None
     try:
         tracker = tracking.Tracker(run_id=run_id, experiment=arguments.get("mlflow_experiment"))
         parent = tracker._find_parent()

@@ -216,3 +216,27 @@ def server_tracking(services, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", services.mlflow_uri)
     monkeypatch.delenv("ZHLLAMA_PIPELINE_RUN_ID", raising=False)
     return services.mlflow_uri
+
+
+@pytest.fixture(scope="session")
+def local_runs(services, tmp_path_factory):
+    """Two runs of the pipeline (the Python DAG, steps as subprocesses) with the same tiny
+    arguments; the first trains, the second is cached. The container tests compare with it."""
+    import uuid
+
+    from pipelines.local import run_local
+    from tests.pipelines.test_local_run import TINY
+
+    root = tmp_path_factory.mktemp("kfp")
+    name = f"pipeline-{uuid.uuid4().hex[:6]}"
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "ZHLLAMA_PIPELINE_RUN_ID")}
+    os.environ["MLFLOW_TRACKING_URI"] = services.mlflow_uri
+    runs = []
+    try:
+        for attempt in ("first", "second"):
+            os.environ["ZHLLAMA_PIPELINE_RUN_ID"] = f"{attempt}-{name}"
+            runs.append(run_local(None, {**TINY, "register_model_name": name}, pipeline_root=root / "outputs", cache_root=root / "cache"))
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    return name, runs

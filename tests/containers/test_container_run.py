@@ -73,9 +73,11 @@ def test_host_ca_bundle_is_not_in_the_image(engine) -> None:
     assert "ca" not in done.stdout.split()
 
 
-def test_compiled_yaml_is_current_and_runs_in_containers_then_is_all_cache(engine, services, tmp_path_factory, monkeypatch) -> None:
+def test_compiled_yaml_is_current_and_runs_in_containers_then_is_all_cache(engine, services, local_runs, tmp_path_factory,
+                                                                           monkeypatch) -> None:
     """The YAML on disk equals a fresh compile; run it (not the Python DAG) with every step in a
-    container; it registers a champion; a second run is all cache."""
+    container; it scores what the subprocess run of the Python DAG scores, registers a champion,
+    and a second run is all cache."""
     from pipelines.local import run_local
     from pipelines.submit import COMPILED, compile_pipeline
     from zhllama import registry, tracking
@@ -101,6 +103,12 @@ def test_compiled_yaml_is_current_and_runs_in_containers_then_is_all_cache(engin
     # the steps ran in containers, as the image's user: their outputs on the bind-mounted root are its files
     report = Path(first["report"])
     assert report.stat().st_uid == (1000 if os.geteuid() == 0 else os.getuid())
+    # the same figures as the Python DAG's subprocess run at the same arguments (deterministic runs)
+    _, (subprocess_run, _) = local_runs
+    ours, theirs = first["evaluation"], subprocess_run["evaluation"]
+    scores = {k for k in theirs if "seconds" not in k and not k.endswith("_s")}
+    assert scores and scores <= set(ours)
+    assert {k: ours[k] for k in scores} == pytest.approx({k: theirs[k] for k in scores}, rel=1e-5, abs=1e-6)
     assert set(second["step_seconds"]) == {"prerequisites"}, second["step_seconds"]
     assert second["registered"]["latest_version"] == "1"
 

@@ -22,7 +22,7 @@ import yaml
 from tests.containers.conftest import docker
 from zhllama.settings import PROJECT_ROOT
 
-pytestmark = pytest.mark.containers
+pytestmark = [pytest.mark.containers, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,9 @@ changed comes entirely from the cache. Then retrain-if-changed, both ways."""
 
 import subprocess
 import sys
-import uuid
 
 import pytest
 
-from pipelines.local import run_local
 from zhllama import registry, tracking
 from zhllama.settings import PROJECT_ROOT
 
@@ -25,26 +23,6 @@ TINY = {
     "eval_lm_max_lines": 10, "eval_lm_chunk_chars": 96, "eval_task_max_examples": 8, "eval_max_new_tokens": 4, "eval_task_max_new_tokens": 4,
 }
 STEPS = {"prerequisites", "data", "base", "vocab", "pretrain", "merge", "sft", "evaluate", "register"}
-
-
-@pytest.fixture(scope="module")
-def local_runs(services, tmp_path_factory):
-    """Two runs of the pipeline with the same arguments; the first trains, the second is cached."""
-    import os
-
-    root = tmp_path_factory.mktemp("kfp")
-    name = f"pipeline-{uuid.uuid4().hex[:6]}"
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "ZHLLAMA_PIPELINE_RUN_ID")}
-    os.environ["MLFLOW_TRACKING_URI"] = services.mlflow_uri
-    runs = []
-    try:
-        for attempt in ("first", "second"):
-            os.environ["ZHLLAMA_PIPELINE_RUN_ID"] = f"{attempt}-{name}"
-            runs.append(run_local(None, {**TINY, "register_model_name": name}, pipeline_root=root / "outputs", cache_root=root / "cache"))
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
-    return name, runs
 
 
 def test_first_run_trains_every_step_and_registers_a_champion(local_runs, server_tracking) -> None:
