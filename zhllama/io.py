@@ -52,6 +52,18 @@ def _output_error(target: Path, err: BaseException) -> OutputError | None:
     return OutputError(f"{target}: cannot write the output ({reason}); nothing was left there: free space or fix permissions, then re-run")
 
 
+def _make_readable(root: Path) -> None:
+    """Files the umask lets others read get read bits: some writers (safetensors via
+    transformers' save_pretrained) make 0600 files, which a step running as another uid (the
+    next container, a model server) could not read."""
+    readable = 0o444 & ~_UMASK
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            mode = path.stat().st_mode & 0o777
+            if mode | readable != mode:
+                path.chmod(mode | readable)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike[str], overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; rename it to ``target`` when the block
@@ -72,6 +84,7 @@ def atomic_dir(target: str | os.PathLike[str], overwrite: bool = True) -> Iterat
         if failure is not None:
             raise failure from err
         raise
+    _make_readable(tmp)
     if target.exists():
         if not overwrite:
             shutil.rmtree(tmp, ignore_errors=True)
