@@ -4,6 +4,7 @@ changed comes entirely from the cache. Then retrain-if-changed, both ways."""
 
 import subprocess
 import sys
+import uuid
 
 import pytest
 
