@@ -31,7 +31,7 @@ help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 setup: ## create .venv and install the pinned stack (requirements.lock) and zhllama (editable), bytecode compiled (a cold start compiles thousands of modules otherwise)
-	@test -x $(PY) || python3 -m venv $(VENV)
+	@test -x $(PY) || { python3 -m venv $(VENV) && touch $(VENV)/.bytecode-compiled; }  # uv compiles all it installs
 	@test -x $(UV) || $(PY) -m pip install -q "uv==$(UV_VERSION)"
 	$(UV) pip install --python $(PY) --compile-bytecode --find-links $(FIND_LINKS) -r requirements.lock
 	$(UV) pip install --python $(PY) --compile-bytecode --no-deps -e .

@@ -10,8 +10,8 @@ from typing import Any
 
 PLOTS_DIR = "plots"
 MODEL_LABELS = {"base": "base", "pt_merged": "PT merged", "final": "final (PT+SFT)"}
-# Latin from DejaVu, Chinese (labels, task options, sample prompts) from the first CJK font found
-# (matplotlib falls back glyph by glyph): the images carry WenQuanYi Micro Hei.
+# Latin from DejaVu, Chinese (labels, task options, sample prompts) from the first CJK font installed
+# (matplotlib falls back glyph by glyph along font.family): the images carry WenQuanYi Micro Hei.
 FONTS = ["DejaVu Sans", "WenQuanYi Micro Hei", "Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "SimHei"]
 
 
@@ -21,7 +21,10 @@ def _figure():
     matplotlib.use("Agg")  # no display in containers or CI
     import matplotlib.pyplot as plt
 
-    plt.rcParams["font.sans-serif"] = FONTS + [f for f in plt.rcParams["font.sans-serif"] if f not in FONTS]
+    from matplotlib import font_manager
+
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    plt.rcParams["font.family"] = [name for name in FONTS if name in installed] or ["sans-serif"]  # a list: per-glyph fallback
 
     return plt
 

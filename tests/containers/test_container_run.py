@@ -111,6 +111,21 @@ def test_compiled_yaml_is_current_and_runs_in_containers_then_is_all_cache(engin
     assert {k: ours[k] for k in scores} == pytest.approx({k: theirs[k] for k in scores}, rel=1e-5, abs=1e-6)
     assert set(second["step_seconds"]) == {"prerequisites"}, second["step_seconds"]
     assert second["registered"]["latest_version"] == "1"
+    # other code is another image tag, so a new cache key: every step runs again (here the same
+    # image under the tag another code hash would give, so the figures stay comparable)
+    import zhllama.containers
+
+    moved = zhllama.containers.local_tag(engine["image"], "0" * 12)
+    assert _docker(engine, "tag", engine["image"], moved).returncode == 0
+    monkeypatch.setattr(zhllama.containers, "code_version", lambda root=None, kind="cpu": "0" * 12)
+    monkeypatch.setenv("ZHLLAMA_PIPELINE_RUN_ID", f"third-{name}")
+    try:
+        third = run_local(None, {**TINY, "register_model_name": name}, pipeline_root=root / "outputs", cache_root=root / "cache",
+                          containers=True)
+    finally:
+        _docker(engine, "image", "rm", moved)
+    assert not third["cached_steps"], third["cached_steps"]
+    assert {s.rsplit("-", 1)[0] if s[-1].isdigit() else s for s in third["step_seconds"]} >= STEPS
 
 
 def test_a_rejected_parameter_fails_the_run_with_its_error_and_is_never_cached(engine, services, tmp_path_factory, monkeypatch) -> None:
