@@ -125,19 +125,20 @@ def vocab(data_dir: str, base_model_dir: str, out: str, params: dict[str, Any]) 
     return stages.vocab([Path(data_dir) / CORPUS_TRAIN], [Path(data_dir) / CORPUS_VALID], out, cfg, tokenizer, where=where)
 
 
-def _torchrun(command: str, argv: list[str], nproc_per_node: int, nnodes: int) -> None:
+def _torchrun(command: str, argv: list[str], nproc_per_node: int, nnodes: int, global_flags: list[str] | None = None) -> None:
     """Run ``zhllama <command>`` under torchrun; the node rank and rendezvous address come from
     the environment a PyTorchJob (or the Kubeflow Trainer) sets."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}", f"--nnodes={nnodes}",
            f"--node_rank={os.environ.get('NODE_RANK', os.environ.get('RANK', '0') if nnodes > 1 else '0')}",
            f"--master_addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}", f"--master_port={os.environ.get('MASTER_PORT', '29500')}",
-           "-m", "zhllama.cli", command, *argv]
+           "-m", "zhllama.cli", *(global_flags or []), command, *argv]
     log.info("launching: %s", " ".join(cmd))
     subprocess.run(cmd, check=True)
 
 
 def _tracking_flags(params: dict[str, Any]) -> list[str]:
-    """The step's tracking choice, for the relaunched ranks (the run id travels in the environment)."""
+    """The step's tracking choice for the relaunched ranks: CLI options that go before the
+    subcommand (the run id travels in the environment)."""
     return ["--experiment", params["mlflow_experiment"]] if params.get("mlflow_experiment") else []
 
 
@@ -156,7 +157,7 @@ def pretrain(base_model_dir: str, vocab_dir: str, data_dir: str, out: str, param
     nproc, nnodes = int(params.get("nproc_per_node", 1)), int(params.get("nnodes", 1))
     if nproc * nnodes > 1:
         _torchrun("pretrain", ["--base_model", base_model_dir, "--tokenizer", str(tokenizer), "--train", str(train), "--out", out,
-                               *_tracking_flags(params), *_flags(cfg)], nproc, nnodes)
+                               *_flags(cfg)], nproc, nnodes, _tracking_flags(params))
         return read_json(Path(out) / "metrics.json")
     return stages.pretrain(base_model_dir, tokenizer, [train], out, cfg, where=where)
 
@@ -177,8 +178,8 @@ def sft(model_dir: str, data_dir: str, out: str, params: dict[str, Any]) -> dict
     train, valid = Path(data_dir) / SFT_TRAIN, Path(data_dir) / SFT_VALID
     nproc, nnodes = int(params.get("nproc_per_node", 1)), int(params.get("nnodes", 1))
     if nproc * nnodes > 1:
-        _torchrun("sft", ["--model", model_dir, "--train", str(train), "--valid", str(valid), "--out", out, *_tracking_flags(params), *_flags(cfg)],
-                  nproc, nnodes)
+        _torchrun("sft", ["--model", model_dir, "--train", str(train), "--valid", str(valid), "--out", out, *_flags(cfg)], nproc, nnodes,
+                  _tracking_flags(params))
         return read_json(Path(out) / "metrics.json")
     return stages.sft(model_dir, train, valid, out, cfg, where=where)
 
