@@ -12,11 +12,11 @@ FIND_LINKS  ?= $(or $(PIP_FIND_LINKS),/opt/wheels)
 UV_VERSION  ?= 0.13.9
 PRESET      ?= configs/default.yaml
 RUNS        ?= runs
-# S3 credentials, endpoint and MLflow URI, from the one settings place (zhllama/settings.py).
-SERVICE_ENV  = eval "$$($(PY) -m zhllama.settings)"
+# S3 credentials, endpoint and MLflow URI, from the one settings place (zhllama/core/settings.py).
+SERVICE_ENV  = eval "$$($(PY) -m zhllama.core.settings)"
 export PATH := $(BIN):$(PATH)
 # Tracking goes to the MLflow server when `make services` runs, else to the local store ./mlruns.
-TRACK_ENV    = if $(PY) -m zhllama.services status >/dev/null 2>&1; then $(SERVICE_ENV); else echo "(services not running: tracking into ./mlruns; make services for the MLflow server)"; fi
+TRACK_ENV    = if $(PY) -m zhllama.core.services status >/dev/null 2>&1; then $(SERVICE_ENV); else echo "(services not running: tracking into ./mlruns; make services for the MLflow server)"; fi
 # One MLflow parent run per `make chain`; sub-makes inherit it through the environment.
 ifndef ZHLLAMA_PIPELINE_RUN_ID
 export ZHLLAMA_PIPELINE_RUN_ID := make-$(shell date +%Y%m%d-%H%M%S)
@@ -25,6 +25,7 @@ ZH           = $(TRACK_ENV) && $(PY) -m zhllama.cli
 
 
 .PHONY: setup-containers engine engine-down images-cuda run-containers test-containers
+.PHONY: components lint
 .PHONY: help setup lock test test-fast services services-down services-status data data-push data-pull vocab base chain evaluate register compile run images promote generate bench clean
 
 help: ## list the targets
@@ -42,20 +43,24 @@ setup: ## create .venv and install the pinned stack (requirements.lock) and zhll
 lock: ## re-resolve requirements.in into requirements.lock (seconds with uv)
 	$(UV) pip compile requirements.in --find-links $(FIND_LINKS) --python-version 3.11 -o requirements.lock
 
-test: ## the whole suite: unit, integration (starts the real services itself), reference tests
+lint: ## ruff: the linter and the formatter's check (configured in pyproject.toml)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint ## the whole suite: lint, unit, integration (starts the real services itself), reference tests
 	$(PY) -m pytest -q || { code=$$?; [ $$code -eq 5 ] && echo "pytest collected no tests" || exit $$code; }
 
 test-fast: ## unit tests only (no services)
 	$(PY) -m pytest -q -m "not services and not slow"
 
 services: ## start SeaweedFS (S3) and the MLflow server on 127.0.0.1
-	$(PY) -m zhllama.services up
+	$(PY) -m zhllama.core.services up
 
 services-down: ## stop them, by PID
-	$(PY) -m zhllama.services down
+	$(PY) -m zhllama.core.services down
 
 services-status:
-	$(PY) -m zhllama.services status
+	$(PY) -m zhllama.core.services status
 
 data: ## build the default data (deterministic) and track data/ with DVC (data.dvc)
 	$(PY) -m zhllama.cli data --out data
@@ -90,17 +95,20 @@ evaluate: ## evaluate base, PT-merged and final models; writes runs/eval/report.
 register: ## log + register the final model in MLflow; the gate decides whether it becomes champion
 	$(ZH) register --preset $(PRESET) --model $(RUNS)/final --eval $(RUNS)/eval
 
-compile: ## compile the Kubeflow pipeline YAMLs (CPU and GPU), checked in; upload one in the Kubeflow UI
+components: ## write components/*.py and pipelines/signature.py from the stage table and config dataclasses (checked in)
+	$(PY) -m zhllama.core.codegen
+
+compile: components ## compile the Kubeflow pipeline YAMLs (CPU and GPU), checked in; upload one in the Kubeflow UI
 	$(PY) -m zhllama.cli compile
 	$(PY) -m zhllama.cli compile --gpus 1
 
 run: ## the whole DAG on this machine through kfp.local (services, default data and base); cached steps are reused
-	@$(PY) -m zhllama.services status >/dev/null 2>&1 || $(MAKE) services
+	@$(PY) -m zhllama.core.services status >/dev/null 2>&1 || $(MAKE) services
 	test -d data || $(MAKE) data
 	$(SERVICE_ENV) && $(PY) -m pipelines.local --preset $(PRESET) $(RUN_ARGS)
 
 bench: ## zhllama vs the seed-literal recipe baseline, and merge, vocab, scale, pipeline figures (~18 min; runs/bench/bench.md; BENCH_ARGS="--pipeline_full" times make run itself)
-	@$(PY) -m zhllama.services status >/dev/null 2>&1 || $(MAKE) services
+	@$(PY) -m zhllama.core.services status >/dev/null 2>&1 || $(MAKE) services
 	test -d data || $(MAKE) data
 	$(SERVICE_ENV) && $(PY) -m benchmarks.bench $(BENCH_ARGS)
 
@@ -110,21 +118,21 @@ setup-containers: ## one-time, as root: Debian's docker.io (engine + CLI), mmdeb
 	else apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker.io mmdebstrap docker-registry; fi
 
 engine: ## use the running Docker engine, or start the project's own (unix socket in .services/docker, stopped by PID)
-	$(PY) -m zhllama.containers up
+	$(PY) -m zhllama.core.containers up
 
 engine-down: ## stop the project's own container engine
-	$(PY) -m zhllama.containers down
+	$(PY) -m zhllama.core.containers down
 
 images: ## build the CPU image (tag: the version, and version-codehash); PUSH=1 pushes; starts the engine when none runs
-	@$(PY) -m zhllama.containers status >/dev/null 2>&1 || $(MAKE) engine
+	@$(PY) -m zhllama.core.containers status >/dev/null 2>&1 || $(MAKE) engine
 	$(PY) -m components.images build cpu $(if $(PUSH),--push)
 
 images-cuda: ## build the CUDA image (torch's CUDA wheels from PyPI; several GB); PUSH=1 pushes
-	@$(PY) -m zhllama.containers status >/dev/null 2>&1 || $(MAKE) engine
+	@$(PY) -m zhllama.core.containers status >/dev/null 2>&1 || $(MAKE) engine
 	$(PY) -m components.images build cuda $(if $(PUSH),--push)
 
 run-containers: images ## the checked-in compiled YAML through kfp.local's DockerRunner: every step in its own container (builds the image first: seconds when only code changed)
-	@$(PY) -m zhllama.services status >/dev/null 2>&1 || $(MAKE) services
+	@$(PY) -m zhllama.core.services status >/dev/null 2>&1 || $(MAKE) services
 	$(SERVICE_ENV) && $(PY) -m pipelines.local --containers --preset $(PRESET) $(RUN_ARGS)
 
 test-containers: ## only the container tests (make test runs them too): the compiled YAML step by step in the image, as its non-root user

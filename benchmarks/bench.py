@@ -32,13 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.workspace import Workspace, prepare
-from zhllama.settings import PROJECT_ROOT
+from zhllama.core.settings import PROJECT_ROOT
 
 log = logging.getLogger("zhllama.bench")
 SECTIONS = ("training", "ablations", "merge", "vocab", "scale", "pipeline")
 
 
 # --- running one measurement ---------------------------------------------------------------------
+
 
 def child(args: list[str], workdir: Path, name: str) -> dict[str, Any]:
     """Run benchmarks.train_one in a fresh process; its last BENCH_RESULT line is the result."""
@@ -52,20 +53,43 @@ def child(args: list[str], workdir: Path, name: str) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     line = next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("BENCH_RESULT "))
-    result = json.loads(line[len("BENCH_RESULT "):])
+    result = json.loads(line[len("BENCH_RESULT ") :])
     result["wall_seconds"] = time.perf_counter() - started
-    log.info("%s: %.0f useful tokens/s, peak RSS %.0f MB, final loss %.3f, held-out %.3f (%.0f s)", name,
-             result["useful_tokens_per_second"], result["peak_rss_mb"], result["final_train_loss"], result["eval_loss"], result["wall_seconds"])
+    log.info(
+        "%s: %.0f useful tokens/s, peak RSS %.0f MB, final loss %.3f, held-out %.3f (%.0f s)",
+        name,
+        result["useful_tokens_per_second"],
+        result["peak_rss_mb"],
+        result["final_train_loss"],
+        result["eval_loss"],
+        result["wall_seconds"],
+    )
     return result
 
 
 def stage_args(ws: Workspace, stage: str, steps: int) -> list[str]:
     common = ["--stage", stage, "--steps", str(steps), "--cache_dir", str(ws.cache)]
     if stage == "pt":
-        return [*common, "--base_model", str(ws.base), "--tokenizer", str(ws.tokenizer),
-                "--train", str(ws.data / "corpus" / "train.txt"), "--valid", str(ws.data / "corpus" / "valid.txt")]
-    return [*common, "--model", str(ws.sft_model), "--train", str(ws.data / "sft" / "train.json"),
-            "--valid", str(ws.data / "sft" / "valid.json")]
+        return [
+            *common,
+            "--base_model",
+            str(ws.base),
+            "--tokenizer",
+            str(ws.tokenizer),
+            "--train",
+            str(ws.data / "corpus" / "train.txt"),
+            "--valid",
+            str(ws.data / "corpus" / "valid.txt"),
+        ]
+    return [
+        *common,
+        "--model",
+        str(ws.sft_model),
+        "--train",
+        str(ws.data / "sft" / "train.json"),
+        "--valid",
+        str(ws.data / "sft" / "valid.json"),
+    ]
 
 
 def median(rows: list[dict[str, Any]], key: str) -> float:
@@ -77,8 +101,12 @@ def median(rows: list[dict[str, Any]], key: str) -> float:
 # What is compared: zhllama as configured (fp32, like the baseline), zhllama with bf16 autocast
 # (fp32 weights and optimizer; the CPU's AVX512-BF16 matmuls), and the recipe baseline in fp32 (its
 # --fp16 needs a GPU) and with the Trainer's --bf16 (PT only: the same autocast, for a fair pair).
-VARIANTS = {"zhllama": ["--impl", "zhllama"], "zhllama bf16": ["--impl", "zhllama", "--set", 'precision="bf16"'], "recipe": ["--impl", "recipe"],
-            "recipe bf16": ["--impl", "recipe", "--set", 'precision="bf16"']}
+VARIANTS = {
+    "zhllama": ["--impl", "zhllama"],
+    "zhllama bf16": ["--impl", "zhllama", "--set", 'precision="bf16"'],
+    "recipe": ["--impl", "recipe"],
+    "recipe bf16": ["--impl", "recipe", "--set", 'precision="bf16"'],
+}
 
 
 def bench_training(ws: Workspace, repeats: int, steps: dict[str, int], bf16_repeats: int = 1) -> dict[str, Any]:
@@ -104,14 +132,31 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, floa
     for rows in runs.values():
         for row in rows:
             row["first_train_loss"] = row["losses"][0]
-    summary = {name: {key: median(rows, key) for key in ("useful_tokens_per_second", "peak_rss_mb", "first_train_loss", "final_train_loss",
-                                                            "eval_loss", "padding_share", "prep_seconds", "train_seconds")}
-               for name, rows in runs.items()}
+    summary = {
+        name: {
+            key: median(rows, key)
+            for key in (
+                "useful_tokens_per_second",
+                "peak_rss_mb",
+                "first_train_loss",
+                "final_train_loss",
+                "eval_loss",
+                "padding_share",
+                "prep_seconds",
+                "train_seconds",
+            )
+        }
+        for name, rows in runs.items()
+    }
     for name in summary:
         summary[name]["runs"] = len(runs[name])
         same = "recipe bf16" if "bf16" in name and "recipe bf16" in summary else "recipe"
-        summary[name]["speedup"] = summary[name]["useful_tokens_per_second"] / summary["recipe"]["useful_tokens_per_second"]
-        summary[name]["speedup_same_precision"] = summary[name]["useful_tokens_per_second"] / summary[same]["useful_tokens_per_second"]
+        summary[name]["speedup"] = (
+            summary[name]["useful_tokens_per_second"] / summary["recipe"]["useful_tokens_per_second"]
+        )
+        summary[name]["speedup_same_precision"] = (
+            summary[name]["useful_tokens_per_second"] / summary[same]["useful_tokens_per_second"]
+        )
     return summary
 
 
@@ -119,28 +164,53 @@ def bench_ablations(ws: Workspace, steps: dict[str, int]) -> list[dict[str, Any]
     cases = [
         ("pt", "gradient checkpointing on (the recipe's flag)", ["--set", "gradient_checkpointing=true"]),
         ("pt", "output layer over all positions at once (full logits)", ["--ablate", "full_logits"]),
-        ("pt", "new rows = mean of all rows (the recipe's resize) instead of mean of pieces", ["--set", 'init_new_embeddings="mean"']),
+        (
+            "pt",
+            "new rows = mean of all rows (the recipe's resize) instead of mean of pieces",
+            ["--set", 'init_new_embeddings="mean"'],
+        ),
         ("sft", "output layer over all positions at once (full logits)", ["--ablate", "full_logits"]),
         ("sft", "no length grouping (random batches)", ["--set", "group_by_length=false"]),
     ]
     rows = []
     for stage, what, extra in cases:
-        result = child(["--impl", "zhllama", *stage_args(ws, stage, steps[stage]), *extra], ws.root, f"{stage}-ablate-{len(rows)}")
-        rows.append({"stage": stage, "change": what, **{k: result[k] for k in ("useful_tokens_per_second", "peak_rss_mb", "final_train_loss",
-                                                                                "eval_loss", "padding_share")}})
+        result = child(
+            ["--impl", "zhllama", *stage_args(ws, stage, steps[stage]), *extra], ws.root, f"{stage}-ablate-{len(rows)}"
+        )
+        rows.append(
+            {
+                "stage": stage,
+                "change": what,
+                **{
+                    k: result[k]
+                    for k in (
+                        "useful_tokens_per_second",
+                        "peak_rss_mb",
+                        "final_train_loss",
+                        "eval_loss",
+                        "padding_share",
+                    )
+                },
+            }
+        )
     return rows
 
 
 def bench_merge(ws: Workspace) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "benchmarks" / "merge_memory.py"), "--workdir", str(ws.root / "merge")],
-                          capture_output=True, text=True, check=True, cwd=PROJECT_ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "benchmarks" / "merge_memory.py"), "--workdir", str(ws.root / "merge")],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=PROJECT_ROOT,
+    )
     return json.loads(proc.stdout)
 
 
 def bench_vocab(ws: Workspace) -> dict[str, Any]:
-    from zhllama.config import VocabConfig
-    from zhllama.data import iter_corpus_lines
-    from zhllama.vocab import resolve_base_tokenizer, run_vocab, tokenizer_stats
+    from zhllama.recipes.chinese_llama_alpaca.configs import VocabConfig
+    from zhllama.recipes.chinese_llama_alpaca.corpus import iter_corpus_lines
+    from zhllama.recipes.chinese_llama_alpaca.vocab import resolve_base_tokenizer, run_vocab, tokenizer_stats
 
     out = ws.root / "vocab-timed"
     subprocess.run(["rm", "-rf", str(out)], check=True)
@@ -149,30 +219,50 @@ def bench_vocab(ws: Workspace) -> dict[str, Any]:
     base = tokenizer_stats(resolve_base_tokenizer(), held_out)
     merged = tokenizer_stats(out / "merged.model", held_out)
     corpus_chars = sum(len(line) for line in iter_corpus_lines(ws.data / "corpus" / "train.txt"))
-    return {"corpus_chars": corpus_chars, "vocab_size": metrics["chinese_vocab_size"], "merged_vocab_size": metrics["merged_vocab_size"],
-            "train_seconds": metrics["train_seconds"], "merge_seconds": metrics["merge_seconds"], "held_out_lines": len(held_out),
-            "base_tokens_per_zh_char": base["tokens_per_chinese_char"], "merged_tokens_per_zh_char": merged["tokens_per_chinese_char"],
-            "base_tokens_per_char": base["tokens_per_char"], "merged_tokens_per_char": merged["tokens_per_char"]}
+    return {
+        "corpus_chars": corpus_chars,
+        "vocab_size": metrics["chinese_vocab_size"],
+        "merged_vocab_size": metrics["merged_vocab_size"],
+        "train_seconds": metrics["train_seconds"],
+        "merge_seconds": metrics["merge_seconds"],
+        "held_out_lines": len(held_out),
+        "base_tokens_per_zh_char": base["tokens_per_chinese_char"],
+        "merged_tokens_per_zh_char": merged["tokens_per_chinese_char"],
+        "base_tokens_per_char": base["tokens_per_char"],
+        "merged_tokens_per_char": merged["tokens_per_char"],
+    }
 
 
 def bench_scale(ws: Workspace, steps: int) -> dict[str, Any]:
-    from zhllama import modeling
-    from zhllama.config import BaseModelConfig
-    from zhllama.vocab import resolve_base_tokenizer
+    from zhllama.recipes.chinese_llama_alpaca import modeling
+    from zhllama.recipes.chinese_llama_alpaca.configs import BaseModelConfig
+    from zhllama.recipes.chinese_llama_alpaca.vocab import resolve_base_tokenizer
 
     sizes = [(128, 344, 2, 2), (256, 688, 4, 4), (512, 1376, 8, 8)]
     models = []
     for hidden, inter, layers, heads in sizes:
         base = ws.root / f"base-{hidden}x{layers}"
         if not (base / "config.json").is_file():
-            modeling.create_base_model(base, resolve_base_tokenizer(), BaseModelConfig(hidden_size=hidden, intermediate_size=inter,
-                                                                                       num_hidden_layers=layers, num_attention_heads=heads))
+            modeling.create_base_model(
+                base,
+                resolve_base_tokenizer(),
+                BaseModelConfig(
+                    hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads
+                ),
+            )
         args = stage_args(ws, "pt", steps)
         args[args.index("--base_model") + 1] = str(base)
         result = child(["--impl", "zhllama", *args], ws.root, f"scale-model-{hidden}")
         params = json.loads((base / "zhllama_base.json").read_text())["parameters"]
-        models.append({"hidden": hidden, "layers": layers, "base_parameters": params, **{k: result[k] for k in (
-            "useful_tokens_per_second", "peak_rss_mb", "train_seconds")}, "seconds_per_step": result["train_seconds"] / steps})
+        models.append(
+            {
+                "hidden": hidden,
+                "layers": layers,
+                "base_parameters": params,
+                **{k: result[k] for k in ("useful_tokens_per_second", "peak_rss_mb", "train_seconds")},
+                "seconds_per_step": result["train_seconds"] / steps,
+            }
+        )
     lines = (ws.data / "corpus" / "train.txt").read_text(encoding="utf-8").splitlines()
     corpora = []
     for factor in (0.5, 1, 2):
@@ -185,14 +275,30 @@ def bench_scale(ws: Workspace, steps: int) -> dict[str, Any]:
         subprocess.run(["rm", "-rf", str(ws.root / f"cache-scale-{factor}")], check=True)
         result = child(["--impl", "zhllama", *args], ws.root, f"scale-corpus-{factor}")
         tokens = result["blocks"] * 512
-        corpora.append({"factor": factor, "chars": sum(map(len, chosen)), "blocks": result["blocks"], "prep_seconds": result["prep_seconds"],
-                        "peak_rss_mb": result["peak_rss_mb"], "useful_tokens_per_second": result["useful_tokens_per_second"],
-                        "epoch_hours": tokens / result["useful_tokens_per_second"] / 3600})
+        corpora.append(
+            {
+                "factor": factor,
+                "chars": sum(map(len, chosen)),
+                "blocks": result["blocks"],
+                "prep_seconds": result["prep_seconds"],
+                "peak_rss_mb": result["peak_rss_mb"],
+                "useful_tokens_per_second": result["useful_tokens_per_second"],
+                "epoch_hours": tokens / result["useful_tokens_per_second"] / 3600,
+            }
+        )
     return {"steps": steps, "models": models, "corpora": corpora}
 
 
-SHORT_PIPELINE = ["pt_max_steps=2", "pt_save_steps=0", "sft_max_steps=2", "sft_save_steps=0", "sft_eval_steps=0", "eval_lm_max_lines=20",
-                  "eval_task_max_examples=20", "eval_max_new_tokens=8"]
+SHORT_PIPELINE = [
+    "pt_max_steps=2",
+    "pt_save_steps=0",
+    "sft_max_steps=2",
+    "sft_save_steps=0",
+    "sft_eval_steps=0",
+    "eval_lm_max_lines=20",
+    "eval_task_max_examples=20",
+    "eval_max_new_tokens=8",
+]
 
 
 def bench_pipeline(ws: Workspace, full: bool = False) -> dict[str, Any]:
@@ -206,7 +312,15 @@ def bench_pipeline(ws: Workspace, full: bool = False) -> dict[str, Any]:
     for label in ("cold", "cached"):
         summary = ws.root / f"pipeline-{label}.json"
         env = {**os.environ, "ZHLLAMA_PIPELINE_RUN_ID": f"bench-{label}-{time.strftime('%Y%m%d-%H%M%S')}"}
-        cmd = [sys.executable, "-m", "pipelines.local", *roots, "--summary", str(summary), *(a for p in params for a in ("--param", p))]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pipelines.local",
+            *roots,
+            "--summary",
+            str(summary),
+            *(a for p in params for a in ("--param", p)),
+        ]
         log.info("pipeline (%s): %s", label, " ".join(cmd[2:]))
         started = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, env=env)
@@ -214,33 +328,62 @@ def bench_pipeline(ws: Workspace, full: bool = False) -> dict[str, Any]:
         if proc.returncode != 0:
             raise RuntimeError(f"pipeline run failed:\n{proc.stderr[-3000:]}")
         result = json.loads(summary.read_text())
-        runs.append({"label": label, "process_seconds": wall, "pipeline_seconds": result["total_seconds"], "step_seconds": result["step_seconds"],
-                     "cached_steps": result["cached_steps"], "stage_seconds": stage_seconds(env["ZHLLAMA_PIPELINE_RUN_ID"])})
+        runs.append(
+            {
+                "label": label,
+                "process_seconds": wall,
+                "pipeline_seconds": result["total_seconds"],
+                "step_seconds": result["step_seconds"],
+                "cached_steps": result["cached_steps"],
+                "stage_seconds": stage_seconds(env["ZHLLAMA_PIPELINE_RUN_ID"]),
+            }
+        )
     cold = runs[0]
     compute = sum(cold["stage_seconds"].values())
     steps_total = sum(cold["step_seconds"].values())
-    return {"runs": runs, "stage_compute_seconds": compute, "step_wall_seconds": steps_total, "full": full,
-            "overhead_seconds": cold["pipeline_seconds"] - compute, "steps": len(cold["step_seconds"])}
+    return {
+        "runs": runs,
+        "stage_compute_seconds": compute,
+        "step_wall_seconds": steps_total,
+        "full": full,
+        "overhead_seconds": cold["pipeline_seconds"] - compute,
+        "steps": len(cold["step_seconds"]),
+    }
 
 
 def stage_seconds(pipeline_run_id: str) -> dict[str, float]:
     """Each stage's own time: its nested MLflow run's duration (after the step's process started)."""
     from mlflow.tracking import MlflowClient
 
-    from zhllama.tracking import PIPELINE_RUN_TAG
+    from zhllama.core.tracking import PIPELINE_RUN_TAG
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name("zhllama-bench")
     if experiment is None:
         return {}
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'")
-    return {r.info.run_name: (r.info.end_time - r.info.start_time) / 1000 for r in runs
-            if r.info.end_time and not r.info.run_name.startswith("pipeline ")}
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'"
+    )
+    return {
+        r.info.run_name: (r.info.end_time - r.info.start_time) / 1000
+        for r in runs
+        if r.info.end_time and not r.info.run_name.startswith("pipeline ")
+    }
 
 
 def match_stages(tasks: list[str], stages: dict[str, float]) -> dict[str, float]:
     """kfp task names (``merge-3``, in start order) to the stages' MLflow run names (``merge_pt``)."""
-    order = ["base", "vocab", "pretrain_stage1", "pretrain_stage2", "merge_pt", "sft", "merge_final", "evaluate", "register"]
+    order = [
+        "base",
+        "vocab",
+        "pretrain_stage1",
+        "pretrain_stage2",
+        "merge_pt",
+        "sft",
+        "merge_final",
+        "evaluate",
+        "register",
+    ]
     left = [s for s in order if s in stages]
     found = {}
     for task in tasks:
@@ -253,6 +396,7 @@ def match_stages(tasks: list[str], stages: dict[str, float]) -> dict[str, float]
 
 
 # --- the tables ----------------------------------------------------------------------------------
+
 
 def table(header: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
@@ -268,53 +412,162 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 def render(results: dict[str, Any]) -> str:
     parts = [f"# zhllama benchmarks\n\n{results['machine']}\n"]
     if "training" in results:
-        for stage, label in (("pt", "Pretraining (stage 2: LoRA + full embed_tokens/lm_head; block 512, batch 4)"),
-                             ("sft", "SFT (LoRA + full embed_tokens/lm_head; batch 8, max length 256)")):
+        for stage, label in (
+            ("pt", "Pretraining (stage 2: LoRA + full embed_tokens/lm_head; block 512, batch 4)"),
+            ("sft", "SFT (LoRA + full embed_tokens/lm_head; batch 8, max length 256)"),
+        ):
             t = results["training"][stage]
             m = summarize(t["runs"])
-            rows = [[name, m[name]["useful_tokens_per_second"], f"**{m[name]['speedup']:.2f}x**", f"{m[name]['speedup_same_precision']:.2f}x", m[name]["peak_rss_mb"],
-                     m[name]["first_train_loss"], m[name]["final_train_loss"], m[name]["eval_loss"], f"{100 * m[name]['padding_share']:.1f}%",
-                     m[name]["prep_seconds"], m[name]["runs"]] for name in m]
-            parts.append(f"## {label}\n\n{t['steps']} steps from the same base model, median of the runs.\n\n" + table(
-                ["", "useful tokens/s", "vs recipe (fp32)", "vs recipe, same precision", "peak RSS MB", "loss, step 1", "loss, last 5 steps", "held-out loss", "padding",
-                 "set-up s", "runs"], rows))
+            rows = [
+                [
+                    name,
+                    m[name]["useful_tokens_per_second"],
+                    f"**{m[name]['speedup']:.2f}x**",
+                    f"{m[name]['speedup_same_precision']:.2f}x",
+                    m[name]["peak_rss_mb"],
+                    m[name]["first_train_loss"],
+                    m[name]["final_train_loss"],
+                    m[name]["eval_loss"],
+                    f"{100 * m[name]['padding_share']:.1f}%",
+                    m[name]["prep_seconds"],
+                    m[name]["runs"],
+                ]
+                for name in m
+            ]
+            parts.append(
+                f"## {label}\n\n{t['steps']} steps from the same base model, median of the runs.\n\n"
+                + table(
+                    [
+                        "",
+                        "useful tokens/s",
+                        "vs recipe (fp32)",
+                        "vs recipe, same precision",
+                        "peak RSS MB",
+                        "loss, step 1",
+                        "loss, last 5 steps",
+                        "held-out loss",
+                        "padding",
+                        "set-up s",
+                        "runs",
+                    ],
+                    rows,
+                )
+            )
     if "ablations" in results:
-        rows = [[r["stage"], r["change"], r["useful_tokens_per_second"], r["peak_rss_mb"], r["final_train_loss"], r.get("eval_loss", "-")]
-                for r in results["ablations"]]
-        parts.append("## What each choice buys (zhllama, fp32, with one thing changed; 1 run)\n\n"
-                     + table(["stage", "changed", "useful tokens/s", "peak RSS MB", "loss, last 5 steps", "held-out loss"], rows))
+        rows = [
+            [
+                r["stage"],
+                r["change"],
+                r["useful_tokens_per_second"],
+                r["peak_rss_mb"],
+                r["final_train_loss"],
+                r.get("eval_loss", "-"),
+            ]
+            for r in results["ablations"]
+        ]
+        parts.append(
+            "## What each choice buys (zhllama, fp32, with one thing changed; 1 run)\n\n"
+            + table(["stage", "changed", "useful tokens/s", "peak RSS MB", "loss, last 5 steps", "held-out loss"], rows)
+        )
     if "merge" in results:
         m = results["merge"]
         rows = [[r["mode"], r["peak_rss_mb"], r["rss_over_model"], r["seconds"]] for r in m["rows"]]
-        parts.append(f"## Merge (base {m['base_mb']} MB in {m['largest_shard_mb']} MB shards, adapter {m['adapter_mb']} MB)\n\n"
-                     + table(["mode", "peak RSS MB", "x merged size", "seconds"], rows))
+        parts.append(
+            f"## Merge (base {m['base_mb']} MB in {m['largest_shard_mb']} MB shards, adapter {m['adapter_mb']} MB)\n\n"
+            + table(["mode", "peak RSS MB", "x merged size", "seconds"], rows)
+        )
     if "vocab" in results:
         v = results["vocab"]
-        parts.append("## Vocabulary (default corpus)\n\n" + table(
-            ["corpus chars", "SentencePiece training s", "merge s", "merged vocab", "tokens/zh char, LLaMA", "tokens/zh char, merged",
-             "tokens/char, LLaMA", "tokens/char, merged"],
-            [[v["corpus_chars"], v["train_seconds"], v["merge_seconds"], v["merged_vocab_size"], v["base_tokens_per_zh_char"],
-              v["merged_tokens_per_zh_char"], v["base_tokens_per_char"], v["merged_tokens_per_char"]]]))
+        parts.append(
+            "## Vocabulary (default corpus)\n\n"
+            + table(
+                [
+                    "corpus chars",
+                    "SentencePiece training s",
+                    "merge s",
+                    "merged vocab",
+                    "tokens/zh char, LLaMA",
+                    "tokens/zh char, merged",
+                    "tokens/char, LLaMA",
+                    "tokens/char, merged",
+                ],
+                [
+                    [
+                        v["corpus_chars"],
+                        v["train_seconds"],
+                        v["merge_seconds"],
+                        v["merged_vocab_size"],
+                        v["base_tokens_per_zh_char"],
+                        v["merged_tokens_per_zh_char"],
+                        v["base_tokens_per_char"],
+                        v["merged_tokens_per_char"],
+                    ]
+                ],
+            )
+        )
     if "scale" in results:
         s = results["scale"]
-        parts.append(f"## Scale: PT against model size ({s['steps']} steps, merged vocab)\n\n" + table(
-            ["hidden x layers", "base parameters", "useful tokens/s", "s/step", "peak RSS MB"],
-            [[f"{r['hidden']} x {r['layers']}", f"{r['base_parameters'] / 1e6:.1f}M", r["useful_tokens_per_second"], r["seconds_per_step"],
-              r["peak_rss_mb"]] for r in s["models"]]))
-        parts.append("## Scale: PT against corpus size (cold tokenization cache)\n\n" + table(
-            ["corpus", "chars", "blocks of 512", "tokenize + load s", "peak RSS MB", "one epoch at measured speed, h"],
-            [[f"x{r['factor']}", r["chars"], r["blocks"], r["prep_seconds"], r["peak_rss_mb"], r["epoch_hours"]] for r in s["corpora"]]))
+        parts.append(
+            f"## Scale: PT against model size ({s['steps']} steps, merged vocab)\n\n"
+            + table(
+                ["hidden x layers", "base parameters", "useful tokens/s", "s/step", "peak RSS MB"],
+                [
+                    [
+                        f"{r['hidden']} x {r['layers']}",
+                        f"{r['base_parameters'] / 1e6:.1f}M",
+                        r["useful_tokens_per_second"],
+                        r["seconds_per_step"],
+                        r["peak_rss_mb"],
+                    ]
+                    for r in s["models"]
+                ],
+            )
+        )
+        parts.append(
+            "## Scale: PT against corpus size (cold tokenization cache)\n\n"
+            + table(
+                [
+                    "corpus",
+                    "chars",
+                    "blocks of 512",
+                    "tokenize + load s",
+                    "peak RSS MB",
+                    "one epoch at measured speed, h",
+                ],
+                [
+                    [f"x{r['factor']}", r["chars"], r["blocks"], r["prep_seconds"], r["peak_rss_mb"], r["epoch_hours"]]
+                    for r in s["corpora"]
+                ],
+            )
+        )
     if "pipeline" in results:
         p = results["pipeline"]
         cold, cached = p["runs"]
         what = "the default preset, as `make run`" if p.get("full") else "2 training steps per stage, small evaluation"
-        parts.append(f"## Pipeline (the `make run` DAG through kfp.local; {what})\n\n" + table(
-            ["run", "pipeline s", "steps run", "sum of stage compute s", "orchestration + start-up s"],
-            [["cold", cold["pipeline_seconds"], p["steps"], p["stage_compute_seconds"], p["overhead_seconds"]],
-             ["cached re-run", cached["pipeline_seconds"], len(set(cached["step_seconds"]) - set(cached["cached_steps"])), "-", "-"]]))
+        parts.append(
+            f"## Pipeline (the `make run` DAG through kfp.local; {what})\n\n"
+            + table(
+                ["run", "pipeline s", "steps run", "sum of stage compute s", "orchestration + start-up s"],
+                [
+                    ["cold", cold["pipeline_seconds"], p["steps"], p["stage_compute_seconds"], p["overhead_seconds"]],
+                    [
+                        "cached re-run",
+                        cached["pipeline_seconds"],
+                        len(set(cached["step_seconds"]) - set(cached["cached_steps"])),
+                        "-",
+                        "-",
+                    ],
+                ],
+            )
+        )
         stage_of = match_stages(list(cold["step_seconds"]), cold["stage_seconds"])
-        parts.append("Per step, cold (wall incl. process start-up / the stage's own time):\n\n" + table(
-            ["step", "wall s", "stage s"], [[step, secs, stage_of.get(step, "-")] for step, secs in cold["step_seconds"].items()]))
+        parts.append(
+            "Per step, cold (wall incl. process start-up / the stage's own time):\n\n"
+            + table(
+                ["step", "wall s", "stage s"],
+                [[step, secs, stage_of.get(step, "-")] for step, secs in cold["step_seconds"].items()],
+            )
+        )
     return "\n\n".join(parts) + "\n"
 
 
@@ -323,8 +576,10 @@ def machine() -> str:
 
     import torch
 
-    return (f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPU cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}; fp32 unless a row says bf16, no GPU.")
+    return (
+        f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPU cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}; fp32 unless a row says bf16, no GPU."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,7 +592,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sft_steps", type=int, default=12)
     parser.add_argument("--scale_steps", type=int, default=2)
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
-    parser.add_argument("--pipeline_full", action="store_true", help="pipeline section with make run's own preset (~5.5 min instead of ~2.5)")
+    parser.add_argument(
+        "--pipeline_full",
+        action="store_true",
+        help="pipeline section with make run's own preset (~5.5 min instead of ~2.5)",
+    )
     parser.add_argument("--quick", action="store_true", help="1 repeat, 2 steps: checks the harness, not the figures")
     parser.add_argument("--render", metavar="BENCH_JSON", help="only print the tables of an earlier run's bench.json")
     args = parser.parse_args(argv)
@@ -355,9 +614,14 @@ def main(argv: list[str] | None = None) -> int:
     ws = prepare(Path(args.workdir) if args.workdir else out / "work")
     steps = {"pt": args.pt_steps, "sft": args.sft_steps}
     results: dict[str, Any] = {"machine": machine(), "seconds": {}}
-    runners = {"training": lambda: bench_training(ws, args.repeats, steps, args.bf16_repeats), "ablations": lambda: bench_ablations(ws, steps),
-               "merge": lambda: bench_merge(ws), "vocab": lambda: bench_vocab(ws), "scale": lambda: bench_scale(ws, args.scale_steps),
-               "pipeline": lambda: bench_pipeline(ws, args.pipeline_full)}
+    runners = {
+        "training": lambda: bench_training(ws, args.repeats, steps, args.bf16_repeats),
+        "ablations": lambda: bench_ablations(ws, steps),
+        "merge": lambda: bench_merge(ws),
+        "vocab": lambda: bench_vocab(ws),
+        "scale": lambda: bench_scale(ws, args.scale_steps),
+        "pipeline": lambda: bench_pipeline(ws, args.pipeline_full),
+    }
     started = time.perf_counter()
     for section in sections:
         t = time.perf_counter()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 CHILD = """
 import sys, time
-from zhllama.merge import merge_adapters
+from zhllama.recipes.chinese_llama_alpaca.merge import merge_adapters
 t = time.perf_counter()
 merge_adapters(sys.argv[1], [sys.argv[2]], sys.argv[3], low_memory=sys.argv[4] == "1")
 # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak across fork/exec
@@ -31,16 +31,24 @@ def build(workdir: Path) -> tuple[Path, Path]:
     from peft import get_peft_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from zhllama.config import TrainArgs
-    from zhllama.pretrain import lora_config
-    from zhllama.vocab import resolve_base_tokenizer, write_hf_tokenizer
+    from zhllama.recipes.chinese_llama_alpaca.configs import TrainArgs
+    from zhllama.recipes.chinese_llama_alpaca.pretrain import lora_config
+    from zhllama.recipes.chinese_llama_alpaca.vocab import resolve_base_tokenizer, write_hf_tokenizer
 
     base, adapter = workdir / "base", workdir / "adapter"
     if (adapter / "adapter_model.safetensors").is_file():
         return base, adapter
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2752, num_hidden_layers=8,
-                                         num_attention_heads=8, tie_word_embeddings=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32000,
+            hidden_size=1024,
+            intermediate_size=2752,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            tie_word_embeddings=False,
+        )
+    )
     model.save_pretrained(str(base), max_shard_size="100MB")
     write_hf_tokenizer(resolve_base_tokenizer(), base)
     tokenizer = AutoTokenizer.from_pretrained(str(base))
@@ -67,12 +75,34 @@ def main() -> None:
     rows = []
     for mode, flag in (("default", "0"), ("low_memory", "1")):
         out = workdir / f"merged-{mode}"
-        result = subprocess.run([sys.executable, "-c", CHILD, str(base), str(adapter), str(out), flag], capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [sys.executable, "-c", CHILD, str(base), str(adapter), str(out), flag],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         seconds, rss_kb = result.stdout.split()[-2:]
         merged_size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        rows.append({"mode": mode, "seconds": round(float(seconds), 1), "peak_rss_mb": round(int(rss_kb) / 1024),
-                     "merged_size_mb": round(merged_size / 2**20), "rss_over_model": round(int(rss_kb) * 1024 / merged_size, 2)})
-    print(json.dumps({"base_mb": round(size / 2**20), "largest_shard_mb": round(largest / 2**20), "adapter_mb": round(adapter_size / 2**20), "rows": rows}, indent=2))
+        rows.append(
+            {
+                "mode": mode,
+                "seconds": round(float(seconds), 1),
+                "peak_rss_mb": round(int(rss_kb) / 1024),
+                "merged_size_mb": round(merged_size / 2**20),
+                "rss_over_model": round(int(rss_kb) * 1024 / merged_size, 2),
+            }
+        )
+    print(
+        json.dumps(
+            {
+                "base_mb": round(size / 2**20),
+                "largest_shard_mb": round(largest / 2**20),
+                "adapter_mb": round(adapter_size / 2**20),
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -111,8 +111,15 @@ def _run(model, args, dataset, collator) -> dict[str, Any]:
     }
 
 
-def pretrain(base_model: str | Path, tokenizer_dir: str | Path, train_files: Sequence[str | Path], out_dir: str | Path,
-             cfg: dict[str, Any], max_steps: int, num_proc: int = 2) -> dict[str, Any]:
+def pretrain(
+    base_model: str | Path,
+    tokenizer_dir: str | Path,
+    train_files: Sequence[str | Path],
+    out_dir: str | Path,
+    cfg: dict[str, Any],
+    max_steps: int,
+    num_proc: int = 2,
+) -> dict[str, Any]:
     """run_clm_pt_with_peft.py: tokenize each line (bos, no eos), concatenate, cut into blocks."""
     from datasets import load_dataset
     from transformers import AutoTokenizer, LlamaForCausalLM, default_data_collator
@@ -132,7 +139,9 @@ def pretrain(base_model: str | Path, tokenizer_dir: str | Path, train_files: Seq
         result["labels"] = [list(ids) for ids in result["input_ids"]]
         return result
 
-    raw = load_dataset("text", data_files=[str(f) for f in train_files], cache_dir=str(out_dir / "data_cache"), keep_in_memory=False)["train"]
+    raw = load_dataset(
+        "text", data_files=[str(f) for f in train_files], cache_dir=str(out_dir / "data_cache"), keep_in_memory=False
+    )["train"]
     tokenized = raw.map(tokenize_function, batched=True, num_proc=num_proc, remove_columns=["text"])
     grouped = tokenized.map(group_texts, batched=True, num_proc=num_proc)
     grouped.set_format("torch")
@@ -145,16 +154,18 @@ def pretrain(base_model: str | Path, tokenizer_dir: str | Path, train_files: Seq
     return {**result, "prep_seconds": prep_seconds, "blocks": len(grouped)}
 
 
-def _build_instruction_dataset(tokenizer, records: Sequence[dict[str, str]], max_seq_length: int) -> list[dict[str, torch.Tensor]]:
+def _build_instruction_dataset(
+    tokenizer, records: Sequence[dict[str, str]], max_seq_length: int
+) -> list[dict[str, torch.Tensor]]:
     """build_dataset.py: source = the alpaca prompt, target = output + eos; labels -100 over the source."""
-    from zhllama.prompts import build_prompt
+    from zhllama.recipes.chinese_llama_alpaca.prompts import build_prompt
 
     sources = [build_prompt(r["instruction"], r.get("input") or "") for r in records]
     targets = [f"{r['output']}{tokenizer.eos_token}" for r in records]
     tokenized_sources = tokenizer(sources, return_attention_mask=False)["input_ids"]
     tokenized_targets = tokenizer(targets, return_attention_mask=False, add_special_tokens=False)["input_ids"]
     examples = []
-    for s, t in zip(tokenized_sources, tokenized_targets):
+    for s, t in zip(tokenized_sources, tokenized_targets, strict=True):
         ids = torch.LongTensor(s + t)[:max_seq_length]
         labels = torch.LongTensor([IGNORE_INDEX] * len(s) + t)[:max_seq_length]
         examples.append({"input_ids": ids, "labels": labels})
@@ -165,18 +176,24 @@ def _supervised_collator(pad_id: int):
     """DataCollatorForSupervisedDataset: pad to the longest in the batch; mask = ids != pad."""
 
     def collate(instances):
-        input_ids = torch.nn.utils.rnn.pad_sequence([i["input_ids"] for i in instances], batch_first=True, padding_value=pad_id)
-        labels = torch.nn.utils.rnn.pad_sequence([i["labels"] for i in instances], batch_first=True, padding_value=IGNORE_INDEX)
+        input_ids = torch.nn.utils.rnn.pad_sequence(
+            [i["input_ids"] for i in instances], batch_first=True, padding_value=pad_id
+        )
+        labels = torch.nn.utils.rnn.pad_sequence(
+            [i["labels"] for i in instances], batch_first=True, padding_value=IGNORE_INDEX
+        )
         return {"input_ids": input_ids, "labels": labels, "attention_mask": input_ids.ne(pad_id)}
 
     return collate
 
 
-def sft(model_dir: str | Path, train_file: str | Path, out_dir: str | Path, cfg: dict[str, Any], max_steps: int) -> dict[str, Any]:
+def sft(
+    model_dir: str | Path, train_file: str | Path, out_dir: str | Path, cfg: dict[str, Any], max_steps: int
+) -> dict[str, Any]:
     """run_clm_sft_with_peft.py: add [PAD], resize, LoRA, pad-to-longest random batches."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from zhllama.sft import read_alpaca
+    from zhllama.recipes.chinese_llama_alpaca.sft import read_alpaca
 
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

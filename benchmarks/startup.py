@@ -25,20 +25,20 @@ import tempfile
 import time
 from pathlib import Path
 
-# What each step imports before its work starts (components/*.py -> zhllama.steps -> the stage).
+# What each step imports before its work starts (components/*.py -> zhllama.recipes.chinese_llama_alpaca.launchers -> the stage).
 STEP_IMPORTS = {
-    "data": "zhllama.datasets",
-    "vocab": "zhllama.vocab, zhllama.stages",
-    "pretrain": "zhllama.pretrain, zhllama.stages",
-    "merge": "zhllama.merge, zhllama.stages",
-    "sft": "zhllama.sft, zhllama.stages",
-    "evaluate": "zhllama.evaluate, zhllama.stages",
-    "register": "zhllama.registry, zhllama.stages",
+    "data": "zhllama.core.dvc_data",
+    "vocab": "zhllama.recipes.chinese_llama_alpaca.vocab, zhllama.recipes.chinese_llama_alpaca.runs",
+    "pretrain": "zhllama.recipes.chinese_llama_alpaca.pretrain, zhllama.recipes.chinese_llama_alpaca.runs",
+    "merge": "zhllama.recipes.chinese_llama_alpaca.merge, zhllama.recipes.chinese_llama_alpaca.runs",
+    "sft": "zhllama.recipes.chinese_llama_alpaca.sft, zhllama.recipes.chinese_llama_alpaca.runs",
+    "evaluate": "zhllama.recipes.chinese_llama_alpaca.evaluate, zhllama.recipes.chinese_llama_alpaca.runs",
+    "register": "zhllama.core.registry, zhllama.recipes.chinese_llama_alpaca.runs",
 }
 
 
 def _snippet(modules: str) -> str:
-    return f"import kfp.dsl.executor_main, zhllama.steps, zhllama.tracking, {modules}"
+    return f"import kfp.dsl.executor_main, zhllama.recipes.chinese_llama_alpaca.launchers, zhllama.core.tracking, {modules}"
 
 
 def _time(cmd: list[str], env: dict[str, str]) -> float:
@@ -48,7 +48,7 @@ def _time(cmd: list[str], env: dict[str, str]) -> float:
 
 
 def measure(image: str | None, repeat: int) -> dict[str, dict[str, float]]:
-    from zhllama import containers
+    from zhllama.core import containers
 
     results: dict[str, dict[str, float]] = {}
     empty = tempfile.mkdtemp(prefix="zhllama-nopyc-")
@@ -57,15 +57,29 @@ def measure(image: str | None, repeat: int) -> dict[str, dict[str, float]]:
         row: dict[str, float] = {}
         variants = {
             "host, bytecode": ([sys.executable, "-c", _snippet(modules)], host_env),
-            "host, no bytecode": ([sys.executable, "-c", _snippet(modules)], {**host_env, "PYTHONPYCACHEPREFIX": empty,
-                                                                                "PYTHONDONTWRITEBYTECODE": "1"}),
+            "host, no bytecode": (
+                [sys.executable, "-c", _snippet(modules)],
+                {**host_env, "PYTHONPYCACHEPREFIX": empty, "PYTHONDONTWRITEBYTECODE": "1"},
+            ),
         }
         if image:
             cli, env = containers.docker_cli(), containers.engine_env()
             base = [cli, "run", "--rm", "--network", "host"]
             variants["container, bytecode"] = ([*base, image, "python", "-c", _snippet(modules)], env)
-            variants["container, no bytecode"] = ([*base, "-e", "PYTHONPYCACHEPREFIX=/tmp/nopyc", "-e", "PYTHONDONTWRITEBYTECODE=1", image,
-                                                   "python", "-c", _snippet(modules)], env)
+            variants["container, no bytecode"] = (
+                [
+                    *base,
+                    "-e",
+                    "PYTHONPYCACHEPREFIX=/tmp/nopyc",
+                    "-e",
+                    "PYTHONDONTWRITEBYTECODE=1",
+                    image,
+                    "python",
+                    "-c",
+                    _snippet(modules),
+                ],
+                env,
+            )
             variants["container start alone"] = ([*base, image, "true"], env)
         for name, (cmd, env) in variants.items():
             row[name] = round(statistics.median(_time(cmd, env) for _ in range(repeat)), 2)
@@ -76,27 +90,81 @@ def measure(image: str | None, repeat: int) -> dict[str, dict[str, float]]:
 
 def measure_pretrain(run_dir: Path, image: str | None, repeat: int) -> dict[str, float]:
     """Seconds to the first optimizer step of ``zhllama pretrain`` (exits after it)."""
-    from zhllama import containers
+    from zhllama.core import containers
 
     run_dir = run_dir.resolve()
-    base, tokenizer, train = run_dir / "base" / "model", run_dir / "vocab" / "tokenizer" / "tokenizer", run_dir / "data" / "dataset" / "corpus" / "train.txt"
+    base, tokenizer, train = (
+        run_dir / "base" / "model",
+        run_dir / "vocab" / "tokenizer" / "tokenizer",
+        run_dir / "data" / "dataset" / "corpus" / "train.txt",
+    )
     out = Path(tempfile.mkdtemp(prefix="zhllama-startup-"))
     os.chmod(out, 0o777)
     preset = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
     flags = ["--max_steps", "1", "--save_steps", "0", "--eval_steps", "0", "--logging_steps", "1"]
     empty = tempfile.mkdtemp(prefix="zhllama-nopyc-")
-    host = [sys.executable, "-m", "zhllama.cli", "pretrain", "--preset", str(preset), "--base_model", str(base), "--tokenizer", str(tokenizer),
-            "--train", str(train), *flags]
-    env = {**os.environ, "ZHLLAMA_CACHE_DIR": str(out / "cache"), "MLFLOW_TRACKING_URI": "", "ZHLLAMA_MLRUNS": str(out / "mlruns")}
-    variants = {"host, bytecode": (host, env), "host, no bytecode": (host, {**env, "PYTHONPYCACHEPREFIX": empty, "PYTHONDONTWRITEBYTECODE": "1"})}
+    host = [
+        sys.executable,
+        "-m",
+        "zhllama.cli",
+        "pretrain",
+        "--preset",
+        str(preset),
+        "--base_model",
+        str(base),
+        "--tokenizer",
+        str(tokenizer),
+        "--train",
+        str(train),
+        *flags,
+    ]
+    env = {
+        **os.environ,
+        "ZHLLAMA_CACHE_DIR": str(out / "cache"),
+        "MLFLOW_TRACKING_URI": "",
+        "ZHLLAMA_MLRUNS": str(out / "mlruns"),
+    }
+    variants = {
+        "host, bytecode": (host, env),
+        "host, no bytecode": (host, {**env, "PYTHONPYCACHEPREFIX": empty, "PYTHONDONTWRITEBYTECODE": "1"}),
+    }
     if image:
         cli, engine = containers.docker_cli(), containers.engine_env()
-        inside = ["python", "-m", "zhllama.cli", "pretrain", "--preset", "/opt/zhllama/configs/default.yaml", "--base_model", str(base),
-                  "--tokenizer", str(tokenizer), "--train", str(train), *flags]
-        run = [cli, "run", "--rm", "--network", "host", "-v", f"{run_dir}:{run_dir}:ro", "-v", f"{out}:{out}", "-e",
-               f"ZHLLAMA_CACHE_DIR={out}/ccache", "-e", f"ZHLLAMA_MLRUNS={out}/cmlruns"]
+        inside = [
+            "python",
+            "-m",
+            "zhllama.cli",
+            "pretrain",
+            "--preset",
+            "/opt/zhllama/configs/default.yaml",
+            "--base_model",
+            str(base),
+            "--tokenizer",
+            str(tokenizer),
+            "--train",
+            str(train),
+            *flags,
+        ]
+        run = [
+            cli,
+            "run",
+            "--rm",
+            "--network",
+            "host",
+            "-v",
+            f"{run_dir}:{run_dir}:ro",
+            "-v",
+            f"{out}:{out}",
+            "-e",
+            f"ZHLLAMA_CACHE_DIR={out}/ccache",
+            "-e",
+            f"ZHLLAMA_MLRUNS={out}/cmlruns",
+        ]
         variants["container, bytecode"] = ([*run, image, *inside], engine)
-        variants["container, no bytecode"] = ([*run, "-e", "PYTHONPYCACHEPREFIX=/tmp/nopyc", "-e", "PYTHONDONTWRITEBYTECODE=1", image, *inside], engine)
+        variants["container, no bytecode"] = (
+            [*run, "-e", "PYTHONPYCACHEPREFIX=/tmp/nopyc", "-e", "PYTHONDONTWRITEBYTECODE=1", image, *inside],
+            engine,
+        )
     row = {}
     for name, (cmd, run_env) in variants.items():
         times = []
@@ -119,7 +187,9 @@ def table(results: dict[str, dict[str, float]]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image", default=None, help="also measure in this image (default: this code's local tag, when built)")
+    parser.add_argument(
+        "--image", default=None, help="also measure in this image (default: this code's local tag, when built)"
+    )
     parser.add_argument("--no-image", action="store_true")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-imports", action="store_true", help="only the --pretrain measurement")
@@ -129,7 +199,7 @@ def main() -> int:
     image = None
     if not args.no_image:
         from components.images import IMAGE_CPU
-        from zhllama import containers
+        from zhllama.core import containers
 
         image = args.image or containers.local_tag(IMAGE_CPU)
         if containers.docker_host() is None:

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from zhllama.config import PretrainConfig, SftConfig, build_config
-from zhllama.training import Dist, evaluate_loss
+from zhllama.core.training.loop import Dist, evaluate_loss
+from zhllama.recipes.chinese_llama_alpaca.configs import PretrainConfig, SftConfig, build_config
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 EVAL_PT_BLOCKS = 8
@@ -31,7 +31,7 @@ def peak_rss_mb() -> float:
 
 
 def pt_eval_source(tokenizer, tokenizer_dir: Path, valid_file: Path, block_size: int, cache_dir: Path):
-    from zhllama.pretrain import BlockSource, load_blocks
+    from zhllama.recipes.chinese_llama_alpaca.pretrain import BlockSource, load_blocks
 
     blocks, _ = load_blocks([valid_file], tokenizer, tokenizer_dir, block_size, cache_dir)
     return BlockSource(blocks[:EVAL_PT_BLOCKS])
@@ -40,21 +40,39 @@ def pt_eval_source(tokenizer, tokenizer_dir: Path, valid_file: Path, block_size:
 def run_pt(impl: str, args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
     from peft import PeftModel
 
-    from zhllama import pretrain
+    from zhllama.recipes.chinese_llama_alpaca import pretrain
 
-    cfg = build_config(PretrainConfig, PRESET, {"max_steps": args.steps, "save_steps": 0, "eval_steps": 0,
-                                                "validation_split_percentage": 0.0, "logging_steps": 5, **overrides})
+    cfg = build_config(
+        PretrainConfig,
+        PRESET,
+        {
+            "max_steps": args.steps,
+            "save_steps": 0,
+            "eval_steps": 0,
+            "validation_split_percentage": 0.0,
+            "logging_steps": 5,
+            **overrides,
+        },
+    )
     out = Path(args.out_dir)
     started = time.perf_counter()
     if impl == "zhllama":
-        metrics = pretrain.run_pretrain(args.base_model, args.tokenizer, [args.train], out, cfg, cache_dir=Path(args.cache_dir))
+        metrics = pretrain.run_pretrain(
+            args.base_model, args.tokenizer, [args.train], out, cfg, cache_dir=Path(args.cache_dir)
+        )
         wall = time.perf_counter() - started
         rss = peak_rss_mb()
         history = json.loads((out / "train_log.json").read_text())
         tokens = round(metrics["tokens_per_second"] * metrics["train_seconds"])  # input tokens, as the baseline counts
-        result = {"train_seconds": metrics["train_seconds"], "useful_tokens": tokens, "padded_tokens": tokens, "losses": [h["loss"] for h in history if "loss" in h],
-                  "prep_seconds": wall - metrics["train_seconds"], "blocks": metrics["data"]["train_blocks"],
-                  "data_cache": metrics["data"]["cache"]}
+        result = {
+            "train_seconds": metrics["train_seconds"],
+            "useful_tokens": tokens,
+            "padded_tokens": tokens,
+            "losses": [h["loss"] for h in history if "loss" in h],
+            "prep_seconds": wall - metrics["train_seconds"],
+            "blocks": metrics["data"]["train_blocks"],
+            "data_cache": metrics["data"]["cache"],
+        }
         model, _, _ = pretrain.prepare_model(args.base_model, args.tokenizer, cfg)
         model = PeftModel.from_pretrained(model, str(out / pretrain.ADAPTER_DIR))
     else:
@@ -63,20 +81,24 @@ def run_pt(impl: str, args: argparse.Namespace, overrides: dict[str, Any]) -> di
         result = recipe_baseline.pretrain(args.base_model, args.tokenizer, [args.train], out, vars(cfg), args.steps)
         rss = peak_rss_mb()
         model = result.pop("model")
-    from zhllama.modeling import load_tokenizer
+    from zhllama.recipes.chinese_llama_alpaca.modeling import load_tokenizer
 
-    source = pt_eval_source(load_tokenizer(args.tokenizer), Path(args.tokenizer), Path(args.valid), cfg.block_size, Path(args.cache_dir))
+    source = pt_eval_source(
+        load_tokenizer(args.tokenizer), Path(args.tokenizer), Path(args.valid), cfg.block_size, Path(args.cache_dir)
+    )
     return {**result, "peak_rss_mb": rss, "eval_loss": evaluate_loss(model, source, 2, Dist())["eval_loss"]}
 
 
 def run_sft(impl: str, args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
     from peft import PeftModel
 
-    from zhllama import sft
-    from zhllama.modeling import load_tokenizer
-    from zhllama.vocab import add_pad_token
+    from zhllama.recipes.chinese_llama_alpaca import sft
+    from zhllama.recipes.chinese_llama_alpaca.modeling import load_tokenizer
+    from zhllama.recipes.chinese_llama_alpaca.vocab import add_pad_token
 
-    cfg = build_config(SftConfig, PRESET, {"max_steps": args.steps, "save_steps": 0, "eval_steps": 0, "logging_steps": 5, **overrides})
+    cfg = build_config(
+        SftConfig, PRESET, {"max_steps": args.steps, "save_steps": 0, "eval_steps": 0, "logging_steps": 5, **overrides}
+    )
     out = Path(args.out_dir)
     started = time.perf_counter()
     if impl == "zhllama":
@@ -85,9 +107,13 @@ def run_sft(impl: str, args: argparse.Namespace, overrides: dict[str, Any]) -> d
         rss = peak_rss_mb()
         history = json.loads((out / "train_log.json").read_text())
         useful = metrics["tokens_per_second"] * metrics["train_seconds"]
-        result = {"train_seconds": metrics["train_seconds"], "useful_tokens": round(useful),
-                  "padded_tokens": round(useful / max(1e-9, 1 - metrics["padding_share"])),
-                  "losses": [h["loss"] for h in history if "loss" in h], "prep_seconds": wall - metrics["train_seconds"]}
+        result = {
+            "train_seconds": metrics["train_seconds"],
+            "useful_tokens": round(useful),
+            "padded_tokens": round(useful / max(1e-9, 1 - metrics["padding_share"])),
+            "losses": [h["loss"] for h in history if "loss" in h],
+            "prep_seconds": wall - metrics["train_seconds"],
+        }
         model, _, _ = sft.prepare_model(args.model, cfg)
         model = PeftModel.from_pretrained(model, str(out / "adapter"))
     else:
@@ -115,13 +141,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", required=True)
     parser.add_argument("--valid", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="a config override")
-    parser.add_argument("--ablate", choices=["full_logits"], default=None,
-                        help="full_logits: the output layer over every position at once, as the model's own forward does")
+    parser.add_argument(
+        "--ablate",
+        choices=["full_logits"],
+        default=None,
+        help="full_logits: the output layer over every position at once, as the model's own forward does",
+    )
     args = parser.parse_args(argv)
     if args.ablate == "full_logits":
-        import zhllama.training
+        import zhllama.core.training.loss
 
-        zhllama.training._plain_output_head = lambda model: None
+        zhllama.core.training.loss._plain_output_head = lambda model: None
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     torch.manual_seed(0)
     result = (run_pt if args.stage == "pt" else run_sft)(args.impl, args, overrides)

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from zhllama.settings import PROJECT_ROOT
+from zhllama.core.settings import PROJECT_ROOT
 
 log = logging.getLogger("zhllama.bench")
 
@@ -34,10 +34,10 @@ class Workspace:
 
 
 def prepare(root: Path) -> Workspace:
-    from zhllama import modeling, pretrain
-    from zhllama.config import BaseModelConfig, PretrainConfig, VocabConfig
-    from zhllama.default_data import build_default_data
-    from zhllama.vocab import resolve_base_tokenizer, run_vocab
+    from zhllama.recipes.chinese_llama_alpaca import modeling, pretrain
+    from zhllama.recipes.chinese_llama_alpaca.build_data import build_default_data
+    from zhllama.recipes.chinese_llama_alpaca.configs import BaseModelConfig, PretrainConfig, VocabConfig
+    from zhllama.recipes.chinese_llama_alpaca.vocab import resolve_base_tokenizer, run_vocab
 
     root.mkdir(parents=True, exist_ok=True)
     data = PROJECT_ROOT / "data"
@@ -58,5 +58,11 @@ def prepare(root: Path) -> Workspace:
     if not (sft_model / "config.json").is_file():
         model, tokenizer, _ = pretrain.prepare_model(base, vocab / "tokenizer", PretrainConfig())
         modeling.save_model(model, tokenizer, sft_model)
-    return Workspace(root=root, data=data, base=base, vocab=vocab, sft_model=sft_model,
-                     vocab_metrics=json.loads((vocab / "metrics.json").read_text()))
+    return Workspace(
+        root=root,
+        data=data,
+        base=base,
+        vocab=vocab,
+        sft_model=sft_model,
+        vocab_metrics=json.loads((vocab / "metrics.json").read_text()),
+    )

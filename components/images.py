@@ -3,7 +3,7 @@
 Tags: ``$ZHLLAMA_IMAGE_TAG``, else the project's version, so a compiled pipeline names the
 images built from the same code. CI builds and pushes images tagged with the commit and
 compiles/submits with ``ZHLLAMA_IMAGE_TAG=<commit>`` (`.github/workflows/retrain.yml`). Local
-container runs use ``<version>-<code hash>`` (``zhllama.containers.local_tag``), so a code change
+container runs use ``<version>-<code hash>`` (``zhllama.core.containers.local_tag``), so a code change
 is a new image and a new cache key. ``make images`` builds these tags from images/.
 """
 
@@ -47,6 +47,8 @@ def retag(compiled: str, tag: str | Callable[[str], str]) -> str:
         raise ValueError("the compiled pipeline names no zhllama image: compile it with `make compile`")
     whole = tag if callable(tag) else (lambda repository: f"{repository}:{tag}")
     return _IMAGE_LINE.sub(lambda m: f"{m[1]}{whole(m[2])}", compiled)
+
+
 IMAGE_CPU = image_for("cpu")
 IMAGE_CUDA = image_for("cuda")
 
@@ -58,7 +60,7 @@ def main(argv: list[str]) -> int:
             print(dockerfile, tag)
         return 0
     if argv[0] == "build" and len(argv) > 1 and argv[1] in KINDS:
-        from zhllama.containers import ContainerError, build_image
+        from zhllama.core.containers import ContainerError, build_image
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         try:

@@ -1,19 +1,47 @@
-"""Log the final model to MLflow, register a version, gate promotion to champion (zhllama.steps.register)."""
+"""A new registered version with alias challenger; champion moves only when the gate passes.
 
-from components._factory import make_component, stage_parameters
+Written by `make components` from zhllama/recipes/chinese_llama_alpaca/stages.py (the stage table)
+and the config dataclasses; edit those, not this file. tests/components/test_generated.py
+fails when it differs from what they give.
+"""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Metrics, Model, Output
+
 from components.images import IMAGE_CPU
-from zhllama.config import RegisterConfig
 
-register = make_component(
-    "register",
-    "A new registered version with alias challenger; champion moves only when the gate passes.",
-    IMAGE_CPU,
-    {"final": "Input[Model]", "evaluation": "Input[Artifact]", "metrics": "Output[Metrics]"},
-    stage_parameters(RegisterConfig),
-    """
-result = steps.register(final.path, evaluation.path, locals())
-steps.log_kfp_metrics(metrics, {"version": int(result["version"]), "promoted": int(result["promoted"])})
-return f"{result['model_name']} version {result['version']}: {result['decision']} ({result['reason']})"
-""",
-    returns="str",
-)
+
+def register(
+    final: Input[Model],
+    evaluation: Input[Artifact],
+    metrics: Output[Metrics],
+    mlflow_tracking_uri: str = "",
+    mlflow_experiment: str = "zhllama",
+    model_name: str = "zhllama-chinese-alpaca",
+    promotion_metrics: list = ["sft_test_loss:min", "task_accuracy_loglik:max"],
+    min_improvement: float = 0.0,
+    max_regression: float = 0.01,
+    lock_timeout: float = 120.0,
+) -> str:
+    """A new registered version with alias challenger; champion moves only when the gate passes."""
+    from zhllama.core.config import RegisterConfig
+    from zhllama.recipes.chinese_llama_alpaca import launchers
+
+    config = RegisterConfig(
+        model_name=model_name,
+        promotion_metrics=promotion_metrics,
+        min_improvement=min_improvement,
+        max_regression=max_regression,
+        lock_timeout=lock_timeout,
+    )
+    return launchers.register(
+        final,
+        evaluation,
+        metrics,
+        config,
+        mlflow_tracking_uri=mlflow_tracking_uri,
+        mlflow_experiment=mlflow_experiment,
+    )
+
+
+register_cpu = dsl.component(base_image=IMAGE_CPU, install_kfp_package=False)(register)

@@ -3,8 +3,9 @@
     prerequisites -> data -> base -> vocab -> [pretrain stage 1] -> pretrain stage 2 -> merge_pt
                   -> sft -> merge_final -> evaluate -> register (gated promotion)
 
-Wiring only: every step is a component over zhllama, every knob a pipeline parameter built
-from the config dataclasses (pipelines/parameters.py). Settings that only a cluster has (GPUs,
+Wiring only: every step is a component over zhllama, every knob a pipeline parameter: the
+signature is pipelines/signature.py, written with the components from the recipe's stage table
+(zhllama/recipes/chinese_llama_alpaca/stages.py) by `make components`. Settings that only a cluster has (GPUs,
 resources, secrets, the run id from the pod's labels) live here and nowhere else.
 
 Compile: make compile (writes pipelines/chinese_llama_alpaca.yaml, checked in; a test fails when
@@ -19,29 +20,38 @@ from typing import Any
 
 from kfp import dsl
 
-from components.base import base
-from components.data import data
-from components.evaluate import evaluate
-from components.merge import merge
-from components.prerequisites import prerequisites
-from components.pretrain import pretrain, pretrain_gpu
-from components.register import register
-from components.sft import sft, sft_gpu
-from components.vocab import vocab
-from pipelines.parameters import pipeline_parameters, stage_arguments
+from components.base import base_cpu as base
+from components.data import data_cpu as data
+from components.evaluate import evaluate_cpu as evaluate
+from components.merge import merge_cpu as merge
+from components.prerequisites import prerequisites_cpu as prerequisites
+from components.pretrain import pretrain_cpu, pretrain_gpu
+from components.register import register_cpu as register
+from components.sft import sft_cpu, sft_gpu
+from components.vocab import vocab_cpu as vocab
+from pipelines import signature
 
 PIPELINE_NAME = "zhllama-chinese-llama-alpaca"
 DESCRIPTION = "Chinese vocabulary, LoRA pretraining, SFT, merges, evaluation and gated MLflow registration (Chinese-LLaMA-Alpaca)."
 
 # Cluster settings (never read by kfp.local). Secrets hold credentials; the YAML only names them.
-S3_SECRET = os.environ.get("ZHLLAMA_S3_SECRET", "zhllama-s3")  # keys: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL
-MLFLOW_SECRET = os.environ.get("ZHLLAMA_MLFLOW_SECRET", "zhllama-mlflow")  # keys: MLFLOW_TRACKING_URI (+ token/username/password if any)
+S3_SECRET = os.environ.get(
+    "ZHLLAMA_S3_SECRET", "zhllama-s3"
+)  # keys: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL
+MLFLOW_SECRET = os.environ.get(
+    "ZHLLAMA_MLFLOW_SECRET", "zhllama-mlflow"
+)  # keys: MLFLOW_TRACKING_URI (+ token/username/password if any)
 CPU_STEP = {"cpu": "2", "memory": "8G"}
-TRAIN_STEP = {"cpu": "8", "memory": "64G"}  # 7B LoRA + full embed/lm_head in bf16: ~40 GB GPU, ~60 GB host for loading and merging
+TRAIN_STEP = {
+    "cpu": "8",
+    "memory": "64G",
+}  # 7B LoRA + full embed/lm_head in bf16: ~40 GB GPU, ~60 GB host for loading and merging
 MERGE_STEP = {"cpu": "4", "memory": "48G"}  # default merge peaks ~2.1x the model's size; merge_low_memory ~1.1x
 
 
-def _cluster_settings(task: dsl.PipelineTask, resources: dict[str, str], gpus: int = 0, code_version: str | None = None) -> dsl.PipelineTask:
+def _cluster_settings(
+    task: dsl.PipelineTask, resources: dict[str, str], gpus: int = 0, code_version: str | None = None
+) -> dsl.PipelineTask:
     from kfp import kubernetes
 
     if code_version:  # local runs: the library's code is part of every step's cache key (a cluster has the image tag)
@@ -49,67 +59,147 @@ def _cluster_settings(task: dsl.PipelineTask, resources: dict[str, str], gpus: i
     task.set_cpu_request(resources["cpu"]).set_memory_request(resources["memory"]).set_memory_limit(resources["memory"])
     if gpus:
         task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(str(gpus))
-    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={
-        "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL"},
-        optional=True)
-    kubernetes.use_secret_as_env(task, secret_name=MLFLOW_SECRET, secret_key_to_env={"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"}, optional=True)
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=S3_SECRET,
+        secret_key_to_env={
+            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+            "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL",
+        },
+        optional=True,
+    )
+    kubernetes.use_secret_as_env(
+        task, secret_name=MLFLOW_SECRET, secret_key_to_env={"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"}, optional=True
+    )
     # One MLflow parent run per pipeline run, without putting the run id into any cache key.
-    kubernetes.use_field_path_as_env(task, env_name="ZHLLAMA_PIPELINE_RUN_ID", field_path="metadata.labels['pipeline/runid']")
+    kubernetes.use_field_path_as_env(
+        task, env_name="ZHLLAMA_PIPELINE_RUN_ID", field_path="metadata.labels['pipeline/runid']"
+    )
     return task
 
 
 def build_pipeline(gpus: int = 0, code_version: str | None = None):
     """The pipeline function; ``gpus`` > 0 gives the CUDA variant (training steps on GPUs)."""
-    pretrain_op, sft_op = (pretrain_gpu, sft_gpu) if gpus else (pretrain, sft)
+    pretrain_op, sft_op = (pretrain_gpu, sft_gpu) if gpus else (pretrain_cpu, sft_cpu)
 
     def _cluster(task: dsl.PipelineTask, resources: dict[str, str], gpus: int = 0) -> dsl.PipelineTask:
         return _cluster_settings(task, resources, gpus, code_version)
 
-    names = [name for name, _, _ in pipeline_parameters()]
-
     def wire(*args: Any, **kwargs: Any) -> None:
-        p = {**dict(zip(names, args, strict=False)), **kwargs}  # KFP passes the parameters positionally
+        by_stage = signature.parameters(*args, **kwargs)  # KFP passes the parameters positionally
+        p = by_stage["run"]
         track = {"mlflow_tracking_uri": p["mlflow_tracking_uri"], "mlflow_experiment": p["mlflow_experiment"]}
         scale = {"nproc_per_node": p["train_nproc_per_node"], "nnodes": p["train_nnodes"]}
 
-        check = _cluster(prerequisites(**p).set_display_name("prerequisites"), CPU_STEP)
+        check = _cluster(prerequisites(**by_stage["all"]).set_display_name("prerequisites"), CPU_STEP)
         check.set_caching_options(False)  # cheap, and the server may have gone down since
-        dataset = _cluster(data(data_revision=p["data_revision"], data_repo=p["data_repo"], data_md5=p["data_md5"], **track).after(check), CPU_STEP)
-        base_model = _cluster(base(base_model_uri=p["base_model_uri"], **stage_arguments(p, "base_"), **track).after(check), CPU_STEP)
-        tokenizer = _cluster(vocab(data=dataset.outputs["dataset"], base_model=base_model.outputs["model"], **stage_arguments(p, "vocab_"),
-                                   **track), CPU_STEP)
-        pt = {**stage_arguments(p, "pt_"), **track, **scale}
+        dataset = _cluster(
+            data(data_revision=p["data_revision"], data_repo=p["data_repo"], data_md5=p["data_md5"], **track).after(
+                check
+            ),
+            CPU_STEP,
+        )
+        base_model = _cluster(
+            base(base_model_uri=p["base_model_uri"], **by_stage["base"], **track).after(check), CPU_STEP
+        )
+        tokenizer = _cluster(
+            vocab(
+                data=dataset.outputs["dataset"], base_model=base_model.outputs["model"], **by_stage["vocab"], **track
+            ),
+            CPU_STEP,
+        )
+        pt = {**by_stage["pretrain"], **track, **scale}
 
         def after_pretraining(pt_base, pt_base_subdir: str) -> None:
             """Stage 2, merges, SFT, evaluation and registration: the same in both branches."""
-            stage2 = _cluster(pretrain_op(base_model=pt_base, base_model_subdir=pt_base_subdir, vocab=tokenizer.outputs["tokenizer"],
-                                          data=dataset.outputs["dataset"], stage=2, **pt).set_display_name("pretrain-stage2"), TRAIN_STEP, gpus)
-            merged_pt = _cluster(merge(base_model=pt_base, base_model_subdir=pt_base_subdir, adapter_run=stage2.outputs["run"],
-                                       stage_name="merge_pt", **stage_arguments(p, "merge_"), **track).set_display_name("merge-pt"), MERGE_STEP)
-            tuned = _cluster(sft_op(model=merged_pt.outputs["merged"], data=dataset.outputs["dataset"], **stage_arguments(p, "sft_"), **track,
-                                    **scale), TRAIN_STEP, gpus)
-            final = _cluster(merge(base_model=merged_pt.outputs["merged"], adapter_run=tuned.outputs["run"], stage_name="merge_final",
-                                   **stage_arguments(p, "merge_"), **track).set_display_name("merge-final"), MERGE_STEP)
-            scored = _cluster(evaluate(data=dataset.outputs["dataset"], base_model=base_model.outputs["model"], pt_merged=merged_pt.outputs["merged"],
-                                       final=final.outputs["merged"], vocab=tokenizer.outputs["tokenizer"], pt_run=stage2.outputs["run"],
-                                       sft_run=tuned.outputs["run"], **stage_arguments(p, "eval_"), **track), MERGE_STEP)
-            _cluster(register(final=final.outputs["merged"], evaluation=scored.outputs["evaluation"], **stage_arguments(p, "register_"),
-                              **track), CPU_STEP)
+            stage2 = _cluster(
+                pretrain_op(
+                    base_model=pt_base,
+                    base_model_subdir=pt_base_subdir,
+                    vocab=tokenizer.outputs["tokenizer"],
+                    data=dataset.outputs["dataset"],
+                    stage=2,
+                    **pt,
+                ).set_display_name("pretrain-stage2"),
+                TRAIN_STEP,
+                gpus,
+            )
+            merged_pt = _cluster(
+                merge(
+                    base_model=pt_base,
+                    base_model_subdir=pt_base_subdir,
+                    adapter_run=stage2.outputs["run"],
+                    stage_name="merge_pt",
+                    **by_stage["merge"],
+                    **track,
+                ).set_display_name("merge-pt"),
+                MERGE_STEP,
+            )
+            tuned = _cluster(
+                sft_op(
+                    model=merged_pt.outputs["merged"],
+                    data=dataset.outputs["dataset"],
+                    **by_stage["sft"],
+                    **track,
+                    **scale,
+                ),
+                TRAIN_STEP,
+                gpus,
+            )
+            final = _cluster(
+                merge(
+                    base_model=merged_pt.outputs["merged"],
+                    adapter_run=tuned.outputs["run"],
+                    stage_name="merge_final",
+                    **by_stage["merge"],
+                    **track,
+                ).set_display_name("merge-final"),
+                MERGE_STEP,
+            )
+            scored = _cluster(
+                evaluate(
+                    data=dataset.outputs["dataset"],
+                    base_model=base_model.outputs["model"],
+                    pt_merged=merged_pt.outputs["merged"],
+                    final=final.outputs["merged"],
+                    vocab=tokenizer.outputs["tokenizer"],
+                    pt_run=stage2.outputs["run"],
+                    sft_run=tuned.outputs["run"],
+                    **by_stage["evaluate"],
+                    **track,
+                ),
+                MERGE_STEP,
+            )
+            _cluster(
+                register(
+                    final=final.outputs["merged"],
+                    evaluation=scored.outputs["evaluation"],
+                    **by_stage["register"],
+                    **track,
+                ),
+                CPU_STEP,
+            )
 
         with dsl.If(p["pt_stage1"] == True, name="pt-stage1-then-stage2"):  # noqa: E712 - a KFP condition, not a Python comparison
             stage1_args = {**pt, "max_steps": p["pt_stage1_max_steps"]}
-            stage1 = _cluster(pretrain_op(base_model=base_model.outputs["model"], vocab=tokenizer.outputs["tokenizer"],
-                                          data=dataset.outputs["dataset"], stage=1, **stage1_args).set_display_name("pretrain-stage1"),
-                              TRAIN_STEP, gpus)
+            stage1 = _cluster(
+                pretrain_op(
+                    base_model=base_model.outputs["model"],
+                    vocab=tokenizer.outputs["tokenizer"],
+                    data=dataset.outputs["dataset"],
+                    stage=1,
+                    **stage1_args,
+                ).set_display_name("pretrain-stage1"),
+                TRAIN_STEP,
+                gpus,
+            )
             after_pretraining(stage1.outputs["run"], "model")
         with dsl.Else(name="pt-stage2-only"):
             after_pretraining(base_model.outputs["model"], "")
 
-    # The signature KFP reads: one typed parameter per knob, with its default.
-    wire.__signature__ = inspect.Signature([
-        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=tp)
-        for name, tp, default in pipeline_parameters()
-    ])
+    # The signature KFP reads: the generated one's typed parameters, with their defaults.
+    wire.__signature__ = inspect.signature(signature.parameters).replace(return_annotation=inspect.Signature.empty)
     wire.__name__ = wire.__qualname__ = PIPELINE_NAME.replace("-", "_")
     wire.__doc__ = DESCRIPTION
     return dsl.pipeline(name=PIPELINE_NAME + ("-gpu" if gpus else ""), description=DESCRIPTION)(wire)

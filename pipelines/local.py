@@ -22,16 +22,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipelines.parameters import arguments_from_preset
-from zhllama.settings import PROJECT_ROOT
+from zhllama.core.settings import PROJECT_ROOT
+from zhllama.recipes.chinese_llama_alpaca.stages import RECIPE
 
 log = logging.getLogger("zhllama.run")
 
 OUTPUTS = PROJECT_ROOT / ".kfp_outputs"
 CACHE = PROJECT_ROOT / ".kfp_cache"
-COMPILED = PROJECT_ROOT / "pipelines" / "chinese_llama_alpaca.yaml"
+COMPILED = Path(__file__).resolve().parent / "chinese_llama_alpaca.yaml"
 
 
 class StepFailed(RuntimeError):
@@ -69,22 +67,31 @@ class StepTimer(logging.Filter):
             self.cached.append(match.group(1))
 
 
-def run_local(preset: str | Path | None = None, overrides: dict[str, Any] | None = None, caching: bool = True,
-              pipeline_root: Path = OUTPUTS, cache_root: Path = CACHE, containers: bool = False,
-              pipeline_yaml: Path = COMPILED) -> dict[str, Any]:
+def run_local(
+    preset: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    caching: bool = True,
+    pipeline_root: Path = OUTPUTS,
+    cache_root: Path = CACHE,
+    containers: bool = False,
+    pipeline_yaml: Path = COMPILED,
+) -> dict[str, Any]:
     """Run the pipeline through kfp.local; returns the step times, cache hits and where to look.
     ``containers``: run ``pipeline_yaml`` with every step in a container (see module docstring)."""
     from kfp import local
 
-    from zhllama import tracking
+    from zhllama.core import tracking
 
-    arguments = arguments_from_preset(yaml.safe_load(Path(preset).read_text(encoding="utf-8")) or {}) if preset else {}
+    arguments = RECIPE.preset_arguments(preset) if preset else {}
     arguments.update(overrides or {})
     arguments.setdefault("data_md5", tracking.data_dvc_md5())  # new data, new cache key
     if os.environ.get("MLFLOW_TRACKING_URI"):
         arguments.setdefault("mlflow_tracking_uri", os.environ["MLFLOW_TRACKING_URI"])
     run_id = os.environ.setdefault("ZHLLAMA_PIPELINE_RUN_ID", f"kfp-local-{time.strftime('%Y%m%d-%H%M%S')}")
-    pipeline_root, cache_root = Path(pipeline_root).resolve(), Path(cache_root).resolve()  # the container mounts it at the same path
+    pipeline_root, cache_root = (
+        Path(pipeline_root).resolve(),
+        Path(cache_root).resolve(),
+    )  # the container mounts it at the same path
     if containers:
         pipeline, runner = container_pipeline(pipeline_yaml), docker_runner(pipeline_root, run_id, arguments)
     else:
@@ -111,8 +118,14 @@ def run_local(preset: str | Path | None = None, overrides: dict[str, Any] | None
         root.removeFilter(timer)
         root.setLevel(level)
     total = time.perf_counter() - started
-    return {"pipeline_run_id": run_id, "total_seconds": total, "step_seconds": timer.seconds, "cached_steps": timer.cached,
-            "arguments": arguments, **where_to_look(run_id, arguments, pipeline_root)}
+    return {
+        "pipeline_run_id": run_id,
+        "total_seconds": total,
+        "step_seconds": timer.seconds,
+        "cached_steps": timer.cached,
+        "arguments": arguments,
+        **where_to_look(run_id, arguments, pipeline_root),
+    }
 
 
 # --- containers ------------------------------------------------------------------------------------
@@ -130,13 +143,15 @@ def container_pipeline(pipeline_yaml: Path = COMPILED):
     from kfp import components
 
     from components.images import retag
-    from zhllama.containers import code_version as image_code_version
-    from zhllama.containers import local_tag
+    from zhllama.core.containers import code_version as image_code_version
+    from zhllama.core.containers import local_tag
 
     codes = {kind: image_code_version(kind=kind) for kind in ("cpu", "cuda")}
     try:
-        text = retag(Path(pipeline_yaml).read_text(encoding="utf-8"),
-                     lambda repository: local_tag(repository + ":x", codes["cuda" if repository.endswith("-cuda") else "cpu"]))
+        text = retag(
+            Path(pipeline_yaml).read_text(encoding="utf-8"),
+            lambda repository: local_tag(repository + ":x", codes["cuda" if repository.endswith("-cuda") else "cpu"]),
+        )
     except ValueError as err:
         raise StepFailed(f"{pipeline_yaml}: {err}") from None
     return components.load_component_from_text(text)
@@ -149,8 +164,8 @@ def docker_runner(pipeline_root: Path, run_id: str, arguments: dict[str, Any]):
     from kfp import local
     from kfp.local import docker_task_handler
 
-    from zhllama import containers
-    from zhllama.settings import get_settings
+    from zhllama.core import containers
+    from zhllama.core.settings import get_settings
 
     os.environ["DOCKER_HOST"] = containers.engine_env()["DOCKER_HOST"]
     docker_task_handler.run_docker_container = run_container
@@ -160,7 +175,7 @@ def docker_runner(pipeline_root: Path, run_id: str, arguments: dict[str, Any]):
     # The base step takes the same base tokenizer as `make run` here (../shared's LLaMA one when it
     # is beside the checkout, or $ZHLLAMA_BASE_TOKENIZER), mounted read-only; the image's own
     # fallback (the mistral-common wheel's) needs no mount.
-    from zhllama.vocab import BASE_TOKENIZER_ENV, resolve_base_tokenizer
+    from zhllama.recipes.chinese_llama_alpaca.vocab import BASE_TOKENIZER_ENV, resolve_base_tokenizer
 
     _runner_mounts.clear()
     tokenizer = resolve_base_tokenizer().resolve()
@@ -192,8 +207,16 @@ def run_container(client, image: str, command: list[str], volumes: dict[str, Any
     except docker.errors.ImageNotFound:
         raise StepFailed(f"image {image} is not built: run `make images` (it is tagged with the code's hash)") from None
     run_args["environment"] = {**_runner_env, **(run_args.get("environment") or {})}
-    container = client.containers.run(image=image, command=command, detach=True, stdout=True, stderr=True,
-                                      volumes={**volumes, **_runner_mounts}, auto_remove=False, **run_args)
+    container = client.containers.run(
+        image=image,
+        command=command,
+        detach=True,
+        stdout=True,
+        stderr=True,
+        volumes={**volumes, **_runner_mounts},
+        auto_remove=False,
+        **run_args,
+    )
     decoder, last_error = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
     try:
         pending = ""
@@ -216,33 +239,45 @@ def run_container(client, image: str, command: list[str], volumes: dict[str, Any
 
 def code_version() -> str:
     """A hash of the library, components and pipeline sources: edited code re-runs the steps."""
-    from zhllama.io import sha256_files
+    from zhllama.core.io import sha256_files
 
-    files = sorted(p for folder in ("zhllama", "components", "pipelines") for p in (PROJECT_ROOT / folder).rglob("*.py"))
+    files = sorted(
+        p for folder in ("zhllama", "components", "pipelines") for p in (PROJECT_ROOT / folder).rglob("*.py")
+    )
     return sha256_files(files)[:16]
 
 
 def where_to_look(run_id: str, arguments: dict[str, Any], pipeline_root: Path) -> dict[str, Any]:
-    from zhllama import registry, tracking
-    from zhllama.config import RegisterConfig
+    from zhllama.core import registry, tracking
+    from zhllama.recipes.chinese_llama_alpaca.configs import RegisterConfig
 
     reports = sorted(pipeline_root.rglob("report"), key=lambda p: p.stat().st_mtime)
     found: dict[str, Any] = {"report": str(reports[-1]) if reports else None}  # the newest one written
-    scores = sorted((p for p in pipeline_root.rglob("metrics") if p.is_file() and p.parent.name.startswith("evaluate")),
-                    key=lambda p: p.stat().st_mtime)
+    scores = sorted(
+        (p for p in pipeline_root.rglob("metrics") if p.is_file() and p.parent.name.startswith("evaluate")),
+        key=lambda p: p.stat().st_mtime,
+    )
     found["evaluation"] = json.loads(scores[-1].read_text(encoding="utf-8")) if scores else None
     try:
-        tracker = tracking.Tracker(run_id=run_id, experiment=arguments.get("mlflow_experiment"))
+        tracker = tracking.PipelineRun(run_id=run_id, experiment=arguments.get("mlflow_experiment"))
         parent = tracker._find_parent()
-        found["mlflow_run"] = tracker.run_url(parent) if parent else "(no new MLflow run: every step came from the cache)"
+        found["mlflow_run"] = (
+            tracker.run_url(parent) if parent else "(no new MLflow run: every step came from the cache)"
+        )
         name = arguments.get("register_model_name", RegisterConfig().model_name)
         champion = registry.champion_version(tracker.client, name)
         versions = tracker.client.search_model_versions(f"name = '{name}'")
         latest = max(versions, key=lambda v: int(v.version), default=None)
-        latest = tracker.client.get_model_version(name, latest.version) if latest else None  # search results carry no aliases
-        found["registered"] = {"model": name, "latest_version": latest.version if latest else None,
-                               "latest_aliases": list(latest.aliases) if latest else [], "champion": champion.version if champion else None,
-                               "tracking_uri": tracker.uri}
+        latest = (
+            tracker.client.get_model_version(name, latest.version) if latest else None
+        )  # search results carry no aliases
+        found["registered"] = {
+            "model": name,
+            "latest_version": latest.version if latest else None,
+            "latest_aliases": list(latest.aliases) if latest else [],
+            "champion": champion.version if champion else None,
+            "tracking_uri": tracker.uri,
+        }
     except tracking.TrackingError as err:
         found["mlflow_run"] = str(err)
     return found
@@ -251,24 +286,41 @@ def where_to_look(run_id: str, arguments: dict[str, Any], pipeline_root: Path) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=str(PROJECT_ROOT / "configs" / "default.yaml"))
-    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a pipeline parameter (JSON value or text)")
+    parser.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE", help="a pipeline parameter (JSON value or text)"
+    )
     parser.add_argument("--no-cache", action="store_true")
     parser.add_argument("--summary", default=None, help="also write the timings as JSON here")
     parser.add_argument("--pipeline-root", default=str(OUTPUTS), help="where the steps' artifacts go")
     parser.add_argument("--cache-root", default=str(CACHE), help="kfp.local's cache of finished steps")
-    parser.add_argument("--containers", action="store_true", help="run the compiled YAML, each step in a container (make run-containers)")
+    parser.add_argument(
+        "--containers",
+        action="store_true",
+        help="run the compiled YAML, each step in a container (make run-containers)",
+    )
     parser.add_argument("--pipeline-yaml", default=str(COMPILED), help="the compiled pipeline --containers runs")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     from pipelines.submit import parse_params
 
     try:
-        result = run_local(args.preset, parse_params(args.param), caching=not args.no_cache, pipeline_root=Path(args.pipeline_root),
-                           cache_root=Path(args.cache_root), containers=args.containers, pipeline_yaml=Path(args.pipeline_yaml))
+        result = run_local(
+            args.preset,
+            parse_params(args.param),
+            caching=not args.no_cache,
+            pipeline_root=Path(args.pipeline_root),
+            cache_root=Path(args.cache_root),
+            containers=args.containers,
+            pipeline_yaml=Path(args.pipeline_yaml),
+        )
     except StepFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"\n== zhllama pipeline (kfp.local, {'compiled YAML, steps in containers' if args.containers else 'steps as subprocesses'}) ==")
+    print(
+        f"\n== zhllama pipeline (kfp.local, {'compiled YAML, steps in containers' if args.containers else 'steps as subprocesses'}) =="
+    )
     print(f"pipeline run     {result['pipeline_run_id']}   total {result['total_seconds']:.1f} s")
     for step, seconds in result["step_seconds"].items():
         print(f"  {step:<28} {seconds:7.1f} s")
@@ -278,8 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report           {result.get('report')}")
     reg = result.get("registered") or {}
     if reg:
-        print(f"registered       {reg['model']} version {reg['latest_version']} aliases {reg['latest_aliases']}; "
-              f"champion = version {reg['champion']} (models:/{reg['model']}@champion at {reg['tracking_uri']})")
+        print(
+            f"registered       {reg['model']} version {reg['latest_version']} aliases {reg['latest_aliases']}; "
+            f"champion = version {reg['champion']} (models:/{reg['model']}@champion at {reg['tracking_uri']})"
+        )
     if args.summary:
         Path(args.summary).write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     return 0

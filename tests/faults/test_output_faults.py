@@ -15,13 +15,25 @@ from pathlib import Path
 
 import pytest
 
-from zhllama.settings import PROJECT_ROOT
+from zhllama.core.settings import PROJECT_ROOT
 
 
 def _cli(argv: list[str], tmp_path: Path, preexec=None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ZHLLAMA_MLRUNS": str(tmp_path / "mlruns"), "ZHLLAMA_CACHE_DIR": str(tmp_path / "cache"), "MLFLOW_TRACKING_URI": ""}
-    return subprocess.run([sys.executable, "-m", "zhllama.cli", *argv], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
-                          env=env, preexec_fn=preexec)
+    env = {
+        **os.environ,
+        "ZHLLAMA_MLRUNS": str(tmp_path / "mlruns"),
+        "ZHLLAMA_CACHE_DIR": str(tmp_path / "cache"),
+        "MLFLOW_TRACKING_URI": "",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "zhllama.cli", *argv],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        preexec_fn=preexec,
+    )
 
 
 def _one_error(done: subprocess.CompletedProcess) -> str:
@@ -41,12 +53,23 @@ def test_disk_full_while_writing_the_merged_model(tmp_path: Path, tiny_base: Pat
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     out = tmp_path / "merged"
-    error = _one_error(_cli(["merge", "--base_model", str(tiny_base), "--adapters", str(pt_run), "--out", str(out)], tmp_path, small_disk))
+    error = _one_error(
+        _cli(
+            ["merge", "--base_model", str(tiny_base), "--adapters", str(pt_run), "--out", str(out)],
+            tmp_path,
+            small_disk,
+        )
+    )
     assert str(out) in error and "File too large" in error and "nothing was left" in error
     assert not out.exists()
     assert not list(tmp_path.glob(".*.tmp-*")), "temp output left behind"
     # the same command with room to write succeeds: the failure left nothing in the way
-    assert _cli(["merge", "--base_model", str(tiny_base), "--adapters", str(pt_run), "--out", str(out)], tmp_path).returncode == 0
+    assert (
+        _cli(
+            ["merge", "--base_model", str(tiny_base), "--adapters", str(pt_run), "--out", str(out)], tmp_path
+        ).returncode
+        == 0
+    )
     assert (out / "config.json").is_file()
 
 
@@ -68,7 +91,21 @@ def _unwritable_parent(tmp_path: Path) -> Path:
 def test_unwritable_output_directory(tmp_path: Path, small_corpus: dict[str, Path]) -> None:
     parent = _unwritable_parent(tmp_path)
     out = parent / "zhllama-vocab"
-    error = _one_error(_cli(["vocab", "--train", str(small_corpus["train"]), "--valid", str(small_corpus["valid"]), "--out", str(out),
-                             "--vocab_size", "2000"], tmp_path))
+    error = _one_error(
+        _cli(
+            [
+                "vocab",
+                "--train",
+                str(small_corpus["train"]),
+                "--valid",
+                str(small_corpus["valid"]),
+                "--out",
+                str(out),
+                "--vocab_size",
+                "2000",
+            ],
+            tmp_path,
+        )
+    )
     assert str(out) in error and "cannot write" in error
     assert not out.exists()

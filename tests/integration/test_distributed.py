@@ -12,12 +12,41 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def _pretrain(cmd_prefix: list[str], out: Path, per_device: int, tiny_base: Path, vocab_run: Path, corpus: Path, cache: Path) -> list[float]:
+def _pretrain(
+    cmd_prefix: list[str], out: Path, per_device: int, tiny_base: Path, vocab_run: Path, corpus: Path, cache: Path
+) -> list[float]:
     args = [
-        "pretrain", "--base_model", str(tiny_base), "--tokenizer", str(vocab_run / "tokenizer"), "--train", str(corpus),
-        "--out", str(out), "--block_size", "64", "--max_steps", "5", "--per_device_train_batch_size", str(per_device),
-        "--learning_rate", "1e-3", "--warmup_ratio", "0", "--lora_dropout", "0", "--logging_steps", "1",
-        "--eval_steps", "0", "--save_steps", "0", "--num_threads", "1", "--validation_split_percentage", "0",
+        "pretrain",
+        "--base_model",
+        str(tiny_base),
+        "--tokenizer",
+        str(vocab_run / "tokenizer"),
+        "--train",
+        str(corpus),
+        "--out",
+        str(out),
+        "--block_size",
+        "64",
+        "--max_steps",
+        "5",
+        "--per_device_train_batch_size",
+        str(per_device),
+        "--learning_rate",
+        "1e-3",
+        "--warmup_ratio",
+        "0",
+        "--lora_dropout",
+        "0",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "0",
+        "--save_steps",
+        "0",
+        "--num_threads",
+        "1",
+        "--validation_split_percentage",
+        "0",
     ]
     env = {**os.environ, "ZHLLAMA_CACHE_DIR": str(cache)}
     result = subprocess.run([*cmd_prefix, *args], capture_output=True, text=True, env=env, timeout=600)
@@ -27,7 +56,15 @@ def _pretrain(cmd_prefix: list[str], out: Path, per_device: int, tiny_base: Path
 
 def test_two_processes_match_one(tmp_path: Path, tiny_base: Path, vocab_run: Path, small_corpus) -> None:
     bin_dir = Path(sys.executable).parent
-    single = _pretrain([sys.executable, "-m", "zhllama.cli"], tmp_path / "one", 4, tiny_base, vocab_run, small_corpus["train"], tmp_path / "c")
+    single = _pretrain(
+        [sys.executable, "-m", "zhllama.cli"],
+        tmp_path / "one",
+        4,
+        tiny_base,
+        vocab_run,
+        small_corpus["train"],
+        tmp_path / "c",
+    )
     torchrun = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "zhllama.cli"]
     double = _pretrain(torchrun, tmp_path / "two", 2, tiny_base, vocab_run, small_corpus["train"], tmp_path / "c")
     assert len(single) == len(double) == 5
@@ -36,11 +73,13 @@ def test_two_processes_match_one(tmp_path: Path, tiny_base: Path, vocab_run: Pat
     assert metrics["world_size"] == 2
 
 
-def test_pipeline_step_launches_torchrun_and_tracks_once(tmp_path: Path, tiny_base: Path, vocab_run: Path, small_corpus,
-                                                         local_tracking: Path, monkeypatch) -> None:
+def test_pipeline_step_launches_torchrun_and_tracks_once(
+    tmp_path: Path, tiny_base: Path, vocab_run: Path, small_corpus, local_tracking: Path, monkeypatch
+) -> None:
     """The pretrain component's step with nproc_per_node=2: torchrun inside, one MLflow run (rank 0),
     in the step's own experiment under the one parent (the relaunch once dropped --experiment)."""
-    from zhllama import steps, tracking
+    from zhllama.core import tracking
+    from zhllama.recipes.chinese_llama_alpaca import launchers as steps
 
     monkeypatch.setenv("ZHLLAMA_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("ZHLLAMA_PIPELINE_RUN_ID", "ddp-step")
@@ -48,12 +87,27 @@ def test_pipeline_step_launches_torchrun_and_tracks_once(tmp_path: Path, tiny_ba
     data = tmp_path / "data"
     (data / "corpus").mkdir(parents=True)
     (data / "corpus" / "train.txt").write_text(small_corpus["train"].read_text(encoding="utf-8"), encoding="utf-8")
-    params = {"nproc_per_node": 2, "nnodes": 1, "block_size": 64, "max_steps": 3, "per_device_train_batch_size": 2, "save_steps": 0,
-              "eval_steps": 0, "logging_steps": 1, "num_threads": 1, "validation_split_percentage": 0.0, "mlflow_experiment": "ddp-experiment"}
+    params = {
+        "nproc_per_node": 2,
+        "nnodes": 1,
+        "block_size": 64,
+        "max_steps": 3,
+        "per_device_train_batch_size": 2,
+        "save_steps": 0,
+        "eval_steps": 0,
+        "logging_steps": 1,
+        "num_threads": 1,
+        "validation_split_percentage": 0.0,
+        "mlflow_experiment": "ddp-experiment",
+    }
     metrics = steps.pretrain(str(tiny_base), str(vocab_run), str(data), str(tmp_path / "run"), params)
     assert metrics["world_size"] == 2 and metrics["steps"] == 3
-    tracker = tracking.Tracker(run_id="ddp-step", experiment="ddp-experiment")
-    runs = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{tracker.parent_run_id()}'")
+    tracker = tracking.PipelineRun(run_id="ddp-step", experiment="ddp-experiment")
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{tracker.parent_run_id()}'"
+    )
     assert [r.data.tags["mlflow.runName"] for r in runs] == ["pretrain_stage2"]
     default = tracker.client.get_experiment_by_name("zhllama")
-    assert default is None or not tracker.client.search_runs([default.experiment_id]), "a rank tracked into the default experiment"
+    assert default is None or not tracker.client.search_runs([default.experiment_id]), (
+        "a rank tracked into the default experiment"
+    )

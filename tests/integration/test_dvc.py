@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zhllama.io import sha256_file
-from zhllama.settings import PROJECT_ROOT
+from zhllama.core.io import sha256_file
+from zhllama.core.settings import PROJECT_ROOT
 
 DVC = str(Path(sys.executable).parent / "dvc")
 
@@ -70,7 +70,7 @@ def test_fault_object_store_restarted_during_push(tmp_path: Path, default_data: 
     retry pushes the rest, `dvc status --cloud` is in sync, and a pull from scratch verifies."""
     import random
 
-    from zhllama import services as svc
+    from zhllama.core import services as svc
 
     data = tmp_path / "data"
     shutil.copytree(default_data, data)
@@ -85,7 +85,9 @@ def test_fault_object_store_restarted_during_push(tmp_path: Path, default_data: 
     _run([DVC, "remote", "modify", "store", "endpointurl", services.s3_endpoint], repo)
     env = {**os.environ, **services.s3_env(), "AWS_MAX_ATTEMPTS": "2"}  # fail in seconds, not after minutes of retries
     s3 = svc.s3_client(services)
-    push = subprocess.Popen([DVC, "push", "-j", "2"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    push = subprocess.Popen(
+        [DVC, "push", "-j", "2"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.monotonic() + 120
         while s3.list_objects_v2(Bucket=services.dvc_bucket, Prefix=prefix).get("KeyCount", 0) < 1:

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY_EVAL
-from zhllama import cli, registry, tracking
-from zhllama import services as svc
-from zhllama.config import RegisterConfig
-from zhllama.io import read_json, write_json
-from zhllama.settings import PROJECT_ROOT
+from zhllama import cli
+from zhllama.core import registry, tracking
+from zhllama.core import services as svc
+from zhllama.core.io import read_json, write_json
+from zhllama.core.settings import PROJECT_ROOT
+from zhllama.recipes.chinese_llama_alpaca.configs import RegisterConfig
 
 pytestmark = pytest.mark.services
 
@@ -37,35 +38,114 @@ def _versions(client, name: str) -> list:
     return sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
 
 
-def test_chain_by_cli_leaves_nested_runs_report_and_champion(server_tracking, tmp_path, tiny_base, vocab_run, small_corpus,
-                                                             tiny_sft_data, monkeypatch) -> None:
+def test_chain_by_cli_leaves_nested_runs_report_and_champion(
+    server_tracking, tmp_path, tiny_base, vocab_run, small_corpus, tiny_sft_data, monkeypatch
+) -> None:
     """The issue's 'done when', on tiny models: every stage by CLI, one parent run, a champion."""
     monkeypatch.setenv("ZHLLAMA_CACHE_DIR", str(tmp_path / "cache"))
     run_id, name = f"cli-{uuid.uuid4().hex[:6]}", _name()
-    train = ["--max_steps", "3", "--per_device_train_batch_size", "2", "--save_steps", "0", "--eval_steps", "0",
-             "--logging_steps", "1", "--num_threads", "2", "--learning_rate", "1e-3"]
+    train = [
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "2",
+        "--save_steps",
+        "0",
+        "--eval_steps",
+        "0",
+        "--logging_steps",
+        "1",
+        "--num_threads",
+        "2",
+        "--learning_rate",
+        "1e-3",
+    ]
     evaluate = [x for k, v in TINY_EVAL.items() for x in (f"--{k}", str(v))]
     steps = [
-        ["pretrain", "--base_model", str(tiny_base), "--tokenizer", str(vocab_run / "tokenizer"), "--train", str(small_corpus["train"]),
-         "--out", str(tmp_path / "pt"), "--block_size", "64", *train],
-        ["merge", "--stage_name", "merge_pt", "--base_model", str(tiny_base), "--adapters", str(tmp_path / "pt"), "--out", str(tmp_path / "pt_merged")],
-        ["sft", "--model", str(tmp_path / "pt_merged"), "--train", str(tiny_sft_data["train"]), "--valid", str(tiny_sft_data["valid"]),
-         "--out", str(tmp_path / "sft"), "--max_seq_length", "96", *train],
-        ["merge", "--stage_name", "merge_final", "--base_model", str(tmp_path / "pt_merged"), "--adapters", str(tmp_path / "sft"),
-         "--out", str(tmp_path / "final")],
-        ["evaluate", "--text", str(small_corpus["valid"]), "--tasks", str(tiny_sft_data["test"]), "--base_model", str(tiny_base),
-         "--pt_model", str(tmp_path / "pt_merged"), "--final_model", str(tmp_path / "final"), "--vocab", str(vocab_run),
-         "--pt_run", str(tmp_path / "pt"), "--sft_run", str(tmp_path / "sft"), "--out", str(tmp_path / "eval"), *evaluate],
+        [
+            "pretrain",
+            "--base_model",
+            str(tiny_base),
+            "--tokenizer",
+            str(vocab_run / "tokenizer"),
+            "--train",
+            str(small_corpus["train"]),
+            "--out",
+            str(tmp_path / "pt"),
+            "--block_size",
+            "64",
+            *train,
+        ],
+        [
+            "merge",
+            "--stage_name",
+            "merge_pt",
+            "--base_model",
+            str(tiny_base),
+            "--adapters",
+            str(tmp_path / "pt"),
+            "--out",
+            str(tmp_path / "pt_merged"),
+        ],
+        [
+            "sft",
+            "--model",
+            str(tmp_path / "pt_merged"),
+            "--train",
+            str(tiny_sft_data["train"]),
+            "--valid",
+            str(tiny_sft_data["valid"]),
+            "--out",
+            str(tmp_path / "sft"),
+            "--max_seq_length",
+            "96",
+            *train,
+        ],
+        [
+            "merge",
+            "--stage_name",
+            "merge_final",
+            "--base_model",
+            str(tmp_path / "pt_merged"),
+            "--adapters",
+            str(tmp_path / "sft"),
+            "--out",
+            str(tmp_path / "final"),
+        ],
+        [
+            "evaluate",
+            "--text",
+            str(small_corpus["valid"]),
+            "--tasks",
+            str(tiny_sft_data["test"]),
+            "--base_model",
+            str(tiny_base),
+            "--pt_model",
+            str(tmp_path / "pt_merged"),
+            "--final_model",
+            str(tmp_path / "final"),
+            "--vocab",
+            str(vocab_run),
+            "--pt_run",
+            str(tmp_path / "pt"),
+            "--sft_run",
+            str(tmp_path / "sft"),
+            "--out",
+            str(tmp_path / "eval"),
+            *evaluate,
+        ],
         ["register", "--model", str(tmp_path / "final"), "--eval", str(tmp_path / "eval"), "--model_name", name],
     ]
     for argv in steps:
         assert cli.main(["--pipeline_run_id", run_id, *argv]) == 0, argv[0]
 
-    tracker = tracking.Tracker(run_id=run_id)
+    tracker = tracking.PipelineRun(run_id=run_id)
     client = tracker.client
     parent = client.get_run(tracker.parent_run_id())
     assert parent.info.status == "FINISHED"
-    children = client.search_runs([tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
     by_name = {r.data.tags["mlflow.runName"]: r for r in children}
     assert set(by_name) == {"pretrain_stage2", "merge_pt", "sft", "merge_final", "evaluate", "register"}
     for run in [parent, *children]:
@@ -95,18 +175,24 @@ def test_registered_champion_loads_and_generates(server_tracking, tmp_path, tiny
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     inputs = model.metadata.get_input_schema().input_names()
     assert inputs == ["instruction", "input"]
-    answers = model.predict([{"instruction": "判断下面这条评论的情感倾向", "input": "很好"}], params={"max_new_tokens": 4})
+    answers = model.predict(
+        [{"instruction": "判断下面这条评论的情感倾向", "input": "很好"}], params={"max_new_tokens": 4}
+    )
     assert len(answers) == 1 and isinstance(answers[0], str)
     with pytest.raises(Exception, match="instruction"):
         model.predict([{"instruction": "", "input": "x"}])
 
 
-def test_worse_version_is_challenger_better_one_takes_champion_manual_promotion(server_tracking, tmp_path, tiny_final, eval_run) -> None:
+def test_worse_version_is_challenger_better_one_takes_champion_manual_promotion(
+    server_tracking, tmp_path, tiny_final, eval_run
+) -> None:
     name = _name()
     cfg = RegisterConfig(model_name=name)
     base = read_json(eval_run / "metrics.json")["summary"]
     first = registry.register(tiny_final, eval_run, cfg)
-    worse = registry.register(tiny_final, _eval_with(eval_run, tmp_path, sft_test_loss=base["sft_test_loss"] + 0.5), cfg)
+    worse = registry.register(
+        tiny_final, _eval_with(eval_run, tmp_path, sft_test_loss=base["sft_test_loss"] + 0.5), cfg
+    )
     client = tracking.client()
     assert worse["decision"] == "kept champion" and "worse on sft_test_loss" in worse["reason"]
     assert client.get_model_version_by_alias(name, "champion").version == first["version"]
@@ -116,14 +202,19 @@ def test_worse_version_is_challenger_better_one_takes_champion_manual_promotion(
     assert compared["sft_test_loss"]["champion"] == pytest.approx(base["sft_test_loss"])
     assert challenger.tags["promotion.champion_before"] == first["version"]
 
-    better = registry.register(tiny_final, _eval_with(eval_run, tmp_path, sft_test_loss=base["sft_test_loss"] - 0.5), cfg)
+    better = registry.register(
+        tiny_final, _eval_with(eval_run, tmp_path, sft_test_loss=base["sft_test_loss"] - 0.5), cfg
+    )
     assert better["decision"] == "promoted"
     assert client.get_model_version_by_alias(name, "champion").version == better["version"]
 
     assert cli.main(["promote", "--model_name", name, "--version", first["version"], "--reason", "rollback: test"]) == 0
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.version == first["version"]
-    assert champion.tags["promotion.reason"] == "rollback: test" and champion.tags["promotion.champion_before"] == better["version"]
+    assert (
+        champion.tags["promotion.reason"] == "rollback: test"
+        and champion.tags["promotion.champion_before"] == better["version"]
+    )
     assert cli.main(["promote", "--model_name", name, "--version", "99", "--reason", "x"]) == 2
 
 
@@ -139,16 +230,38 @@ def test_failure_after_version_creation_leaves_no_version(server_tracking, tiny_
     assert _versions(tracking.client(), name) == []
 
 
-def test_racing_registrations_both_get_versions_and_consistent_aliases(server_tracking, tmp_path, tiny_final, eval_run) -> None:
+def test_racing_registrations_both_get_versions_and_consistent_aliases(
+    server_tracking, tmp_path, tiny_final, eval_run
+) -> None:
     name = _name()
     base = read_json(eval_run / "metrics.json")["summary"]["sft_test_loss"]
-    evals = {"worse": _eval_with(eval_run, tmp_path, sft_test_loss=base + 1.0),
-             "better": _eval_with(eval_run, tmp_path, sft_test_loss=base - 1.0)}
+    evals = {
+        "worse": _eval_with(eval_run, tmp_path, sft_test_loss=base + 1.0),
+        "better": _eval_with(eval_run, tmp_path, sft_test_loss=base - 1.0),
+    }
     # two pipeline runs finishing together
-    procs = {label: subprocess.Popen([sys.executable, "-m", "zhllama.cli", "register", "--model", str(tiny_final), "--eval", str(path),
-                                      "--model_name", name], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "ZHLLAMA_PIPELINE_RUN_ID": f"race-{label}-{uuid.uuid4().hex[:6]}"})
-             for label, path in evals.items()}
+    procs = {
+        label: subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "zhllama.cli",
+                "register",
+                "--model",
+                str(tiny_final),
+                "--eval",
+                str(path),
+                "--model_name",
+                name,
+            ],
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "ZHLLAMA_PIPELINE_RUN_ID": f"race-{label}-{uuid.uuid4().hex[:6]}"},
+        )
+        for label, path in evals.items()
+    }
     outputs = {label: p.communicate(timeout=600)[0] for label, p in procs.items()}
     assert all(p.returncode == 0 for p in procs.values()), outputs
     client = tracking.client()
@@ -166,21 +279,46 @@ def test_racing_registrations_both_get_versions_and_consistent_aliases(server_tr
         second = champion
     else:
         assert champion.tags["promotion.champion_before"] == ""
-        assert other.tags["promotion.decision"] == "kept champion" and other.tags["promotion.champion_before"] == champion.version
+        assert (
+            other.tags["promotion.decision"] == "kept champion"
+            and other.tags["promotion.champion_before"] == champion.version
+        )
         second = other
     assert client.get_model_version_by_alias(name, "challenger").version == second.version
     assert not [m for m in client.search_registered_models(f"name = '{name}.promotion-lock'")]  # lock released
 
 
-def test_server_down_clear_error_no_version_then_retry_registers_once(services, server_tracking, tiny_final, eval_run) -> None:
+def test_server_down_clear_error_no_version_then_retry_registers_once(
+    services, server_tracking, tiny_final, eval_run
+) -> None:
     name = _name()
     svc.stop("mlflow", services)
     try:
         started = time.monotonic()
-        code = subprocess.run([sys.executable, "-m", "zhllama.cli", "register", "--model", str(tiny_final), "--eval", str(eval_run),
-                               "--model_name", name], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+        code = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "zhllama.cli",
+                "register",
+                "--model",
+                str(tiny_final),
+                "--eval",
+                str(eval_run),
+                "--model_name",
+                name,
+            ],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert code.returncode == 2
-        assert "MLflow tracking server" in code.stderr and "not reachable" in code.stderr and "Traceback" not in code.stderr
+        assert (
+            "MLflow tracking server" in code.stderr
+            and "not reachable" in code.stderr
+            and "Traceback" not in code.stderr
+        )
         assert time.monotonic() - started < 60
     finally:
         svc.start_mlflow(services)
@@ -190,10 +328,10 @@ def test_server_down_clear_error_no_version_then_retry_registers_once(services, 
     assert [v.version for v in _versions(client, name)] == [result["version"]] == ["1"]
 
 
-
 @pytest.mark.parametrize("dies", ["after_version_created", "after_champion_moved"])
-def test_fault_server_dies_during_registration_then_retry_registers_once(services, server_tracking, tmp_path, tiny_final, eval_run,
-                                                                        monkeypatch, dies) -> None:
+def test_fault_server_dies_during_registration_then_retry_registers_once(
+    services, server_tracking, tmp_path, tiny_final, eval_run, monkeypatch, dies
+) -> None:
     """The server is killed part-way through a registration (once the version exists; or once
     the champion alias has moved to it): one clear error; back up, the version is pending and
     refused by promote; the retry of the same pipeline run leaves one complete version, champion
@@ -202,7 +340,9 @@ def test_fault_server_dies_during_registration_then_retry_registers_once(service
 
     name = _name()
     base = read_json(eval_run / "metrics.json")["summary"]["sft_test_loss"]
-    first = registry.register(tiny_final, _eval_with(eval_run, tmp_path, sft_test_loss=base + 1.0), RegisterConfig(model_name=name))
+    first = registry.register(
+        tiny_final, _eval_with(eval_run, tmp_path, sft_test_loss=base + 1.0), RegisterConfig(model_name=name)
+    )
     better = _eval_with(eval_run, tmp_path, sft_test_loss=base - 1.0)
     run_id = f"outage-{uuid.uuid4().hex[:6]}"
     monkeypatch.setenv("ZHLLAMA_PIPELINE_RUN_ID", run_id)
@@ -239,10 +379,14 @@ def test_fault_server_dies_during_registration_then_retry_registers_once(service
     client = tracking.client()
     left = [v for v in _versions(client, name) if v.version != first["version"]]
     assert [v.tags[registry.STATE_TAG] for v in left] == ["pending"]  # abandoned, never "ready"
-    assert cli.main(["promote", "--model_name", name, "--version", left[0].version, "--reason", "x"]) == 2  # and refused
+    assert (
+        cli.main(["promote", "--model_name", name, "--version", left[0].version, "--reason", "x"]) == 2
+    )  # and refused
     result = registry.register(tiny_final, better, RegisterConfig(model_name=name))
     versions = _versions(client, name)
     assert [v.version for v in versions] == [first["version"], result["version"]]
     assert all(v.tags[registry.STATE_TAG] == "ready" for v in versions)
     assert client.get_model_version_by_alias(name, "champion").version == result["version"]
-    assert result["champion_before"] == first["version"]  # champion was back on the first version before the retry's gate
+    assert (
+        result["champion_before"] == first["version"]
+    )  # champion was back on the first version before the retry's gate

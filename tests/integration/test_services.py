@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from zhllama import services as svc
+from zhllama.core import services as svc
 
 pytestmark = pytest.mark.services
 
@@ -30,7 +30,9 @@ def test_mlflow_artifacts_land_in_the_bucket(services, tmp_path: Path) -> None:
     keys = [o["Key"] for o in svc.s3_client(services).list_objects_v2(Bucket=services.mlflow_bucket)["Contents"]]
     assert any(k.endswith(f"{run.info.run_id}/artifacts/note.txt") for k in keys)
     # and it comes back through the tracking server's artifact proxy
-    back = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="note.txt", dst_path=str(tmp_path / "dl"))
+    back = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="note.txt", dst_path=str(tmp_path / "dl")
+    )
     assert Path(back).read_text() == "你好"
 
 

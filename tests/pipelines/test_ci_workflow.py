@@ -2,7 +2,7 @@
 
 import yaml
 
-from zhllama.settings import PROJECT_ROOT
+from zhllama.core.settings import PROJECT_ROOT
 
 
 def test_workflow_runs_tests_compiles_and_submits() -> None:

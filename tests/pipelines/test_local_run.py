@@ -8,20 +8,37 @@ import uuid
 
 import pytest
 
-from zhllama import registry, tracking
-from zhllama.settings import PROJECT_ROOT
+from zhllama.core import registry, tracking
+from zhllama.core.settings import PROJECT_ROOT
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 TINY = {
     "vocab_vocab_size": 4500,
-    "base_hidden_size": 32, "base_intermediate_size": 64, "base_num_hidden_layers": 2, "base_num_attention_heads": 4,
+    "base_hidden_size": 32,
+    "base_intermediate_size": 64,
+    "base_num_hidden_layers": 2,
+    "base_num_attention_heads": 4,
     "base_max_position_embeddings": 256,
-    "pt_max_steps": 2, "pt_block_size": 64, "pt_per_device_train_batch_size": 2, "pt_save_steps": 0, "pt_eval_steps": 0,
-    "pt_logging_steps": 1, "pt_max_eval_blocks": 4,
-    "sft_max_steps": 2, "sft_max_seq_length": 96, "sft_per_device_train_batch_size": 2, "sft_save_steps": 0, "sft_eval_steps": 0,
-    "sft_logging_steps": 1, "sft_max_eval_examples": 8,
-    "eval_lm_max_lines": 10, "eval_lm_chunk_chars": 96, "eval_task_max_examples": 8, "eval_max_new_tokens": 4, "eval_task_max_new_tokens": 4,
+    "pt_max_steps": 2,
+    "pt_block_size": 64,
+    "pt_per_device_train_batch_size": 2,
+    "pt_save_steps": 0,
+    "pt_eval_steps": 0,
+    "pt_logging_steps": 1,
+    "pt_max_eval_blocks": 4,
+    "sft_max_steps": 2,
+    "sft_max_seq_length": 96,
+    "sft_per_device_train_batch_size": 2,
+    "sft_save_steps": 0,
+    "sft_eval_steps": 0,
+    "sft_logging_steps": 1,
+    "sft_max_eval_examples": 8,
+    "eval_lm_max_lines": 10,
+    "eval_lm_chunk_chars": 96,
+    "eval_task_max_examples": 8,
+    "eval_max_new_tokens": 4,
+    "eval_task_max_new_tokens": 4,
 }
 STEPS = {"prerequisites", "data", "base", "vocab", "pretrain", "merge", "sft", "evaluate", "register"}
 
@@ -30,14 +47,20 @@ def test_first_run_trains_every_step_and_registers_a_champion(local_runs, server
     name, (first, _) = local_runs
     ran = {step.rsplit("-", 1)[0] if step[-1].isdigit() else step for step in first["step_seconds"]}
     assert STEPS - {"base"} <= ran | set(first["cached_steps"])  # base may be cached from an earlier run of these tests
-    assert first["registered"]["champion"] == first["registered"]["latest_version"] == "1"  # a new model name: its first version
+    assert (
+        first["registered"]["champion"] == first["registered"]["latest_version"] == "1"
+    )  # a new model name: its first version
     assert set(first["registered"]["latest_aliases"]) == {"challenger", "champion"}
     assert first["report"] and first["report"].endswith("report")
-    tracker = tracking.Tracker(run_id=first["pipeline_run_id"])
+    tracker = tracking.PipelineRun(run_id=first["pipeline_run_id"])
     parent = tracker.client.get_run(tracker.parent_run_id())
     assert parent.info.status == "FINISHED" and "final_bits_per_char" in parent.data.metrics
-    children = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert {"vocab", "pretrain_stage2", "merge_pt", "sft", "merge_final", "evaluate", "register"} <= {r.data.tags["mlflow.runName"] for r in children}
+    children = tracker.client.search_runs(
+        [tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert {"vocab", "pretrain_stage2", "merge_pt", "sft", "merge_final", "evaluate", "register"} <= {
+        r.data.tags["mlflow.runName"] for r in children
+    }
     champion = registry.champion_version(tracker.client, name)
     assert champion.tags["zhllama.pipeline_run_id"] == first["pipeline_run_id"]
 
@@ -51,8 +74,13 @@ def test_second_run_with_nothing_changed_is_all_cache(local_runs) -> None:
 
 
 def _retrain(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zhllama.cli", "retrain-if-changed", *args], cwd=PROJECT_ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "zhllama.cli", "retrain-if-changed", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_retrain_if_changed_does_nothing_when_the_champion_has_this_data(local_runs, server_tracking) -> None:
@@ -66,9 +94,19 @@ def test_retrain_if_changed_submits_when_the_data_differs(local_runs, server_tra
     name, _ = local_runs
     client = tracking.client()
     champion = registry.champion_version(client, name)
-    client.set_model_version_tag(name, champion.version, "zhllama.data_dvc_md5", "0" * 32 + ".dir")  # trained on older data
+    client.set_model_version_tag(
+        name, champion.version, "zhllama.data_dvc_md5", "0" * 32 + ".dir"
+    )  # trained on older data
     done = _retrain("--model_name", name, "--host", "http://kubeflow.invalid", "--data_revision", "abc123", "--dry-run")
     assert done.returncode == 0, done.stderr
-    assert "data changed" in done.stdout and '"data_revision": "abc123"' in done.stdout and "dry run: nothing submitted" in done.stdout
+    assert (
+        "data changed" in done.stdout
+        and '"data_revision": "abc123"' in done.stdout
+        and "dry run: nothing submitted" in done.stdout
+    )
     no_champion = _retrain("--model_name", f"never-{uuid.uuid4().hex[:6]}", "--dry-run")
-    assert no_champion.returncode == 0 and "data changed" in no_champion.stdout and "would run the pipeline locally" in no_champion.stdout
+    assert (
+        no_champion.returncode == 0
+        and "data changed" in no_champion.stdout
+        and "would run the pipeline locally" in no_champion.stdout
+    )

@@ -8,41 +8,57 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.parameters import RUN_PARAMETERS, STAGES, arguments_from_preset, pipeline_parameters, stage_arguments
 from pipelines.submit import COMPILED, compile_pipeline, parse_params
-from zhllama import config
-from zhllama.config import PRESET_SECTIONS, build_config
-from zhllama.io import InputError
-from zhllama.settings import PROJECT_ROOT
+from zhllama.core.io import InputError
+from zhllama.core.settings import PROJECT_ROOT
+from zhllama.recipes.chinese_llama_alpaca.stages import RECIPE, RUN_PARAMETERS
 
 
 def test_every_config_field_is_a_prefixed_pipeline_parameter_with_its_default() -> None:
-    import dataclasses
+    from zhllama.core.config import config_fields
 
-    params = {name: default for name, _, default in pipeline_parameters()}
-    for prefix, (cls, dag_set) in STAGES.items():
-        for field in dataclasses.fields(cls):
-            if field.name in dag_set:
-                assert prefix + field.name not in params
+    params = {name: default for name, _, default in RECIPE.pipeline_parameters()}
+    for stage in RECIPE.configured():
+        for name, _, default in config_fields(stage.config):
+            if name in stage.dag_set:
+                assert stage.prefix + name not in params
                 continue
-            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-            assert params[prefix + field.name] == default
+            assert params[stage.prefix + name] == default
     assert {name for name, *_ in RUN_PARAMETERS} <= set(params)
-    assert params["vocab_vocab_size"] == 20000 and params["pt_lora_rank"] == 8 and params["pt_lora_alpha"] == 32.0  # the recipe's
+    assert (
+        params["vocab_vocab_size"] == 20000 and params["pt_lora_rank"] == 8 and params["pt_lora_alpha"] == 32.0
+    )  # the recipe's
 
 
 def test_stage_arguments_do_not_take_run_wide_parameters_sharing_the_prefix() -> None:
-    values = {name: default for name, _, default in pipeline_parameters()}
-    assert "model_uri" not in stage_arguments(values, "base_")
-    assert "stage1" not in stage_arguments(values, "pt_") and "stage1_max_steps" not in stage_arguments(values, "pt_")
+    values = {name: default for name, _, default in RECIPE.pipeline_parameters()}
+    assert "model_uri" not in RECIPE.stage_arguments(values, "base")
+    pretrain = RECIPE.stage_arguments(values, "pretrain")
+    assert "stage1" not in pretrain and "stage1_max_steps" not in pretrain and pretrain["lora_rank"] == 8
+
+
+def test_the_pipeline_signature_is_the_written_one() -> None:
+    import inspect
+
+    from pipelines import signature
+    from pipelines.chinese_llama_alpaca import chinese_llama_alpaca
+
+    written = inspect.signature(signature.parameters).parameters
+    assert list(chinese_llama_alpaca.component_spec.inputs) == list(written)
+    by_stage = signature.parameters(pt_lora_rank=16)
+    assert (
+        by_stage["pretrain"]["lora_rank"] == 16
+        and by_stage["all"]["pt_lora_rank"] == 16
+        and by_stage["sft"]["lora_rank"] == 8
+    )
 
 
 def test_every_preset_maps_onto_pipeline_parameters() -> None:
     for preset in sorted((PROJECT_ROOT / "configs").glob("*.yaml")):
-        args = arguments_from_preset(yaml.safe_load(preset.read_text(encoding="utf-8")))
+        args = RECIPE.preset_arguments(preset)
         assert args, preset
-        for class_name in PRESET_SECTIONS:  # and every section builds a valid config
-            build_config(getattr(config, class_name), preset)
+        for stage in RECIPE.configured():  # and every section builds a valid config
+            RECIPE.stage_config(stage.name, preset)
 
 
 @pytest.mark.parametrize("gpus", [0, 1], ids=["cpu", "gpu"])
@@ -51,7 +67,10 @@ def test_checked_in_yaml_is_in_sync_with_the_code(tmp_path: Path, gpus: int, mon
     fresh = compile_pipeline(tmp_path / "fresh.yaml", gpus)
     committed = COMPILED[gpus]
     assert committed.is_file(), f"{committed} missing: run make compile"
-    fresh_docs, committed_docs = list(yaml.safe_load_all(fresh.read_text())), list(yaml.safe_load_all(committed.read_text()))
+    fresh_docs, committed_docs = (
+        list(yaml.safe_load_all(fresh.read_text())),
+        list(yaml.safe_load_all(committed.read_text())),
+    )
     assert fresh_docs == committed_docs, f"{committed.name} is stale: run make compile"
 
 
@@ -64,17 +83,33 @@ def test_compiled_pipeline_shape() -> None:
     assert tasks["prerequisites"]["cachingOptions"] == {} and tasks["data"]["cachingOptions"]["enableCache"]
     text = COMPILED[1].read_text()
     assert "nvidia.com/gpu" in text and "zhllama-cuda:" in text
-    assert "AWS_SECRET_ACCESS_KEY" in text and "zhllama-local-only" not in text  # credentials by secret name, never values
+    assert (
+        "AWS_SECRET_ACCESS_KEY" in text and "zhllama-local-only" not in text
+    )  # credentials by secret name, never values
     assert "metadata.labels['pipeline/runid']" in text
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zhllama.cli", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "zhllama.cli", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_submit_dry_run_prints_the_plan_and_sends_nothing() -> None:
-    done = _cli("submit", "--host", "http://kubeflow.invalid:8888", "--experiment", "exp", "--param", "pt_lora_rank=16",
-                "--param", "pt_stage1=true", "--param", "pt_lora_target_modules=q_proj,v_proj", "--dry-run")
+    done = _cli(
+        "submit",
+        "--host",
+        "http://kubeflow.invalid:8888",
+        "--experiment",
+        "exp",
+        "--param",
+        "pt_lora_rank=16",
+        "--param",
+        "pt_stage1=true",
+        "--param",
+        "pt_lora_target_modules=q_proj,v_proj",
+        "--dry-run",
+    )
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout[: done.stdout.rindex("}") + 1])
     assert plan["submitted"] is False and plan["host"] == "http://kubeflow.invalid:8888" and plan["experiment"] == "exp"

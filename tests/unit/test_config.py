@@ -1,11 +1,14 @@
+"""Config dataclasses and presets: every preset loads, bad values and unknown keys are errors."""
+
 from pathlib import Path
 
 import pytest
 
-from zhllama import config as config_module
-from zhllama.config import PRESET_SECTIONS, VocabConfig, build_config
-from zhllama.io import InputError
-from zhllama.settings import PROJECT_ROOT
+from zhllama.core.config import build_config, parse_bool
+from zhllama.core.io import InputError
+from zhllama.core.settings import PROJECT_ROOT
+from zhllama.recipes.chinese_llama_alpaca.configs import VocabConfig
+from zhllama.recipes.chinese_llama_alpaca.stages import RECIPE
 
 PRESETS = sorted((PROJECT_ROOT / "configs").glob("*.yaml"))
 
@@ -14,8 +17,8 @@ PRESETS = sorted((PROJECT_ROOT / "configs").glob("*.yaml"))
 def test_every_preset_loads(preset: Path) -> None:
     header = preset.read_text().splitlines()[:3]
     assert any("Launch" in line for line in header), f"{preset.name}: the header must say how to launch it"
-    for name in PRESET_SECTIONS:
-        build_config(getattr(config_module, name), preset)
+    for stage in RECIPE.configured():
+        RECIPE.stage_config(stage.name, preset)
 
 
 @pytest.mark.parametrize(
@@ -40,11 +43,34 @@ def test_unknown_key_is_an_error(tmp_path: Path) -> None:
     preset = tmp_path / "p.yaml"
     preset.write_text("vocabulary:\n  vocab_size: 10\n")
     with pytest.raises(InputError, match="unknown section"):
-        build_config(VocabConfig, preset)
+        RECIPE.stage_config("vocab", preset)
+    preset.write_text("vocab:\n  vocab_sise: 10\n")
+    with pytest.raises(InputError, match="vocab.vocab_sise is not a VocabConfig field"):
+        RECIPE.preset_arguments(preset)
 
 
 def test_overrides_beat_preset(tmp_path: Path) -> None:
     preset = tmp_path / "p.yaml"
     preset.write_text("vocab:\n  vocab_size: 1234\n  model_type: unigram\n")
-    cfg = build_config(VocabConfig, preset, {"vocab_size": 999, "model_type": None})
+    cfg = RECIPE.stage_config("vocab", preset, {"vocab_size": 999, "model_type": None})
     assert (cfg.vocab_size, cfg.model_type) == (999, "unigram")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("true", True),
+        ("Yes", True),
+        ("1", True),
+        ("on", True),
+        ("false", False),
+        ("NO", False),
+        ("0", False),
+        ("off", False),
+    ],
+)
+def test_one_bool_reading_for_flags_and_params(text: str, value: bool) -> None:
+    from pipelines.submit import parse_params
+
+    assert parse_bool(text) is value
+    assert parse_params([f"pt_stage1={text}"])["pt_stage1"] is value

@@ -8,7 +8,7 @@ import pytest
 from components.images import image_for, images_in, retag
 from pipelines.submit import COMPILED
 from zhllama import __version__
-from zhllama.containers import IMAGE_INPUTS, code_version, image_in_registry, local_tag
+from zhllama.core.containers import IMAGE_INPUTS, code_version, image_in_registry, local_tag
 
 
 def _tree(root: Path) -> Path:

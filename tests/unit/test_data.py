@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from zhllama.data import check_corpus, count_chinese_chars, read_corpus
-from zhllama.io import InputError
+from zhllama.core.io import InputError
+from zhllama.recipes.chinese_llama_alpaca.corpus import check_corpus, count_chinese_chars, read_corpus
 
 
 def test_reads_non_blank_lines(tmp_path: Path) -> None:

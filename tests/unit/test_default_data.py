@@ -1,8 +1,8 @@
 import json
 from pathlib import Path
 
-from zhllama.default_data import LABELS, build_default_data, strip_pos_tags
-from zhllama.io import sha256_file
+from zhllama.core.io import sha256_file
+from zhllama.recipes.chinese_llama_alpaca.build_data import LABELS, build_default_data, strip_pos_tags
 
 
 def test_strip_pos_tags() -> None:
@@ -21,11 +21,19 @@ def test_build_is_byte_identical(tmp_path: Path, default_data: Path) -> None:
 
 
 def test_splits_are_disjoint_and_shaped(default_data: Path) -> None:
-    corpus = {s: set((default_data / "corpus" / f"{s}.txt").read_text(encoding="utf-8").splitlines()) for s in ("train", "valid", "test")}
+    corpus = {
+        s: set((default_data / "corpus" / f"{s}.txt").read_text(encoding="utf-8").splitlines())
+        for s in ("train", "valid", "test")
+    }
     assert corpus["train"].isdisjoint(corpus["test"]) and corpus["train"].isdisjoint(corpus["valid"])
     assert all(len(v) > 100 for v in corpus.values())
-    assert not any("/" in line.split("，")[0][-3:] and line.count("/n") > 2 for line in corpus["valid"]), "POS tags left in"
-    sft = {s: json.loads((default_data / "sft" / f"{s}.json").read_text(encoding="utf-8")) for s in ("train", "valid", "test")}
+    assert not any("/" in line.split("，")[0][-3:] and line.count("/n") > 2 for line in corpus["valid"]), (
+        "POS tags left in"
+    )
+    sft = {
+        s: json.loads((default_data / "sft" / f"{s}.json").read_text(encoding="utf-8"))
+        for s in ("train", "valid", "test")
+    }
     for split, records in sft.items():
         assert records, split
         for record in records:

@@ -5,12 +5,19 @@ import pytest
 import torch
 
 from tests.conftest import TINY_EVAL
-from zhllama.config import EvalConfig
-from zhllama.evaluate import EvalInputs, language_model_scores, run_evaluate, sequence_logprobs, task_metrics, text_chunks
-from zhllama.io import InputError, read_json
-from zhllama.modeling import load_model, load_tokenizer
-from zhllama.sft import tokenize_example
-from zhllama.training import token_loss_sum
+from zhllama.core.io import InputError, read_json
+from zhllama.core.training.loss import token_loss_sum
+from zhllama.recipes.chinese_llama_alpaca.configs import EvalConfig
+from zhllama.recipes.chinese_llama_alpaca.evaluate import (
+    EvalInputs,
+    language_model_scores,
+    run_evaluate,
+    sequence_logprobs,
+    task_metrics,
+    text_chunks,
+)
+from zhllama.recipes.chinese_llama_alpaca.modeling import load_model, load_tokenizer
+from zhllama.recipes.chinese_llama_alpaca.sft import tokenize_example
 
 
 def test_chunks_keep_every_character() -> None:
@@ -28,14 +35,18 @@ def test_bits_per_char_do_not_depend_on_batching(pt_merged: Path, small_corpus) 
     assert one["tokens"] == many["tokens"] and one["chars"] == sum(len(c) for c in chunks)
     assert many["bits_per_char"] == pytest.approx(one["bits_per_char"], rel=1e-5)
     # the three figures are one measurement: log2(token perplexity) * tokens = bits/char * chars
-    assert math.log2(one["token_perplexity"]) * one["tokens"] == pytest.approx(one["bits_per_char"] * one["chars"], rel=1e-6)
+    assert math.log2(one["token_perplexity"]) * one["tokens"] == pytest.approx(
+        one["bits_per_char"] * one["chars"], rel=1e-6
+    )
     assert one["bits_per_byte"] * one["bytes"] == pytest.approx(one["bits_per_char"] * one["chars"], rel=1e-9)
 
 
 def test_sequence_logprobs_equal_the_training_loss(pt_merged: Path) -> None:
     model, tok = load_model(pt_merged), load_tokenizer(pt_merged)
-    rows = [tokenize_example(tok, {"instruction": "判断情感", "input": text, "output": out}, 128)
-            for text, out in (("很好", "正面"), ("太差了，不会再买", "负面"))]
+    rows = [
+        tokenize_example(tok, {"instruction": "判断情感", "input": text, "output": out}, 128)
+        for text, out in (("很好", "正面"), ("太差了，不会再买", "负面"))
+    ]
     scores = sequence_logprobs(model, rows, 0, batch_size=2)
     for (ids, labels), (logp, count) in zip(rows, scores, strict=True):
         with torch.no_grad():
@@ -62,7 +73,9 @@ def test_evaluation_writes_metrics_and_report(eval_run: Path) -> None:
     # the merged tokenizer needs fewer tokens per character than the base one on the same text
     assert summary["pt_merged_tokens_per_char"] < summary["base_tokens_per_char"]
     assert summary["tokens_per_zh_char_merged"] < summary["tokens_per_zh_char_base"]
-    assert {"task_accuracy_loglik", "task_exact_match", "sft_test_loss", "sft_valid_loss", "pt_valid_loss"} <= set(summary)
+    assert {"task_accuracy_loglik", "task_exact_match", "sft_test_loss", "sft_valid_loss", "pt_valid_loss"} <= set(
+        summary
+    )
     assert len(metrics["samples"]) == 2 and all(isinstance(s["response"], str) for s in metrics["samples"])
     plots = {p.name for p in (eval_run / "plots").iterdir()}
     assert {"loss_curves.png", "bits_per_char.png", "token_efficiency.png", "task.png"} <= plots

@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-from zhllama.io import atomic_dir
+from zhllama.core.io import atomic_dir
 
 
 def test_atomic_dir_outputs_are_readable_by_other_uids(tmp_path: Path) -> None:

@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from zhllama.io import InputError
-from zhllama.merge import merge_adapters
-from zhllama.modeling import load_model, load_tokenizer
+from zhllama.core.io import InputError
+from zhllama.recipes.chinese_llama_alpaca.merge import merge_adapters
+from zhllama.recipes.chinese_llama_alpaca.modeling import load_model, load_tokenizer
 
 
 def _batch(vocab: int) -> torch.Tensor:

@@ -3,8 +3,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from zhllama.io import InputError
-from zhllama.modeling import check_model_dir, check_vocab, load_model, load_tokenizer, resize_embeddings
+from zhllama.core.io import InputError
+from zhllama.recipes.chinese_llama_alpaca.modeling import (
+    check_model_dir,
+    check_vocab,
+    load_model,
+    load_tokenizer,
+    resize_embeddings,
+)
 
 
 def test_new_row_is_the_mean_of_its_base_pieces(tiny_base: Path, vocab_run: Path) -> None:
@@ -36,7 +42,10 @@ def test_default_init_option(tiny_base: Path, vocab_run: Path) -> None:
 
 def test_mean_init_option(tiny_base: Path, vocab_run: Path) -> None:
     model = load_model(tiny_base)
-    old_in, old_out = model.get_input_embeddings().weight.detach().clone(), model.get_output_embeddings().weight.detach().clone()
+    old_in, old_out = (
+        model.get_input_embeddings().weight.detach().clone(),
+        model.get_output_embeddings().weight.detach().clone(),
+    )
     resize_embeddings(model, load_tokenizer(vocab_run / "tokenizer"), load_tokenizer(tiny_base), init="mean")
     rows = old_in.shape[0]
     new_in, new_out = model.get_input_embeddings().weight.detach(), model.get_output_embeddings().weight.detach()

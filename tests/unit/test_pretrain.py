@@ -6,10 +6,10 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_train_args
-from zhllama.config import PretrainConfig
-from zhllama.io import InputError
-from zhllama.modeling import load_model, load_tokenizer
-from zhllama.pretrain import load_blocks, run_pretrain
+from zhllama.core.io import InputError
+from zhllama.recipes.chinese_llama_alpaca.configs import PretrainConfig
+from zhllama.recipes.chinese_llama_alpaca.modeling import load_model, load_tokenizer
+from zhllama.recipes.chinese_llama_alpaca.pretrain import load_blocks, run_pretrain
 
 
 def _state(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -18,7 +18,9 @@ def _state(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_stage1_trains_only_embeddings(tmp_path: Path, tiny_base: Path, vocab_run: Path, small_corpus) -> None:
     cfg = PretrainConfig(**tiny_train_args(stage=1, block_size=64, max_steps=3))
-    metrics = run_pretrain(tiny_base, vocab_run / "tokenizer", [small_corpus["train"]], tmp_path / "s1", cfg, cache_dir=tmp_path / "c")
+    metrics = run_pretrain(
+        tiny_base, vocab_run / "tokenizer", [small_corpus["train"]], tmp_path / "s1", cfg, cache_dir=tmp_path / "c"
+    )
     base, trained = _state(tiny_base), _state(tmp_path / "s1" / "model")
     embeds = {"model.embed_tokens.weight", "lm_head.weight"}
     for name, tensor in base.items():
@@ -36,14 +38,28 @@ def test_stage2_adapter_holds_lora_and_full_embeddings(pt_run: Path, tiny_base: 
     assert adapter["base_model.model.model.embed_tokens.weight"].shape[0] == vocab
     assert adapter["base_model.model.lm_head.weight"].shape[0] == vocab
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
-    assert len(lora_b) == 2 * 7 and all(v.abs().sum() > 0 for v in lora_b), "LoRA B starts at zero: it must have trained"
+    assert len(lora_b) == 2 * 7 and all(v.abs().sum() > 0 for v in lora_b), (
+        "LoRA B starts at zero: it must have trained"
+    )
     base = _state(tiny_base)
-    assert not torch.equal(adapter["base_model.model.model.embed_tokens.weight"][:32000], base["model.embed_tokens.weight"])
+    assert not torch.equal(
+        adapter["base_model.model.model.embed_tokens.weight"][:32000], base["model.embed_tokens.weight"]
+    )
     config = json.loads((pt_run / "adapter" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 32, 0.05)
-    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(config["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert set(config["modules_to_save"]) == {"embed_tokens", "lm_head"}
-    assert _state(tiny_base)["model.layers.0.self_attn.q_proj.weight"].equal(base["model.layers.0.self_attn.q_proj.weight"])
+    assert _state(tiny_base)["model.layers.0.self_attn.q_proj.weight"].equal(
+        base["model.layers.0.self_attn.q_proj.weight"]
+    )
     metrics = json.loads((pt_run / "metrics.json").read_text())
     assert metrics["steps"] == 8 and len(json.loads((pt_run / "train_log.json").read_text())) >= 8
 
@@ -65,21 +81,41 @@ def test_resume_matches_uninterrupted(tmp_path: Path, tiny_base: Path, vocab_run
     assert log_cut == pytest.approx(log_full, abs=1e-6)
 
 
-def test_resume_refuses_a_checkpoint_of_another_run(tmp_path: Path, tiny_base: Path, vocab_run: Path, small_corpus) -> None:
+def test_resume_refuses_a_checkpoint_of_another_run(
+    tmp_path: Path, tiny_base: Path, vocab_run: Path, small_corpus
+) -> None:
     args = dict(tokenizer_dir=vocab_run / "tokenizer", train_files=[small_corpus["train"]], cache_dir=tmp_path / "c")
-    run_pretrain(tiny_base, out_dir=tmp_path / "r", cfg=PretrainConfig(**tiny_train_args(block_size=64, max_steps=4, save_steps=2)), stop_after_steps=2, **args)
-    other = PretrainConfig(**tiny_train_args(block_size=64, max_steps=4, save_steps=2, lora_target_modules=["q_proj", "v_proj"]))
+    run_pretrain(
+        tiny_base,
+        out_dir=tmp_path / "r",
+        cfg=PretrainConfig(**tiny_train_args(block_size=64, max_steps=4, save_steps=2)),
+        stop_after_steps=2,
+        **args,
+    )
+    other = PretrainConfig(
+        **tiny_train_args(block_size=64, max_steps=4, save_steps=2, lora_target_modules=["q_proj", "v_proj"])
+    )
     with pytest.raises(InputError, match="checkpoint does not fit this run: missing"):
         run_pretrain(tiny_base, out_dir=tmp_path / "r", cfg=other, resume=True, **args)
     ckpt = sorted((tmp_path / "r" / "checkpoints").iterdir())[-1]
     (ckpt / "trainable.safetensors").write_bytes(b"truncated")
     with pytest.raises(InputError, match="checkpoint is missing or corrupted"):
-        run_pretrain(tiny_base, out_dir=tmp_path / "r", cfg=PretrainConfig(**tiny_train_args(block_size=64, max_steps=4, save_steps=2)), resume=True, **args)
+        run_pretrain(
+            tiny_base,
+            out_dir=tmp_path / "r",
+            cfg=PretrainConfig(**tiny_train_args(block_size=64, max_steps=4, save_steps=2)),
+            resume=True,
+            **args,
+        )
 
 
 def test_loss_falls_on_the_default_corpus(tmp_path: Path, tiny_base: Path, vocab_run: Path, small_corpus) -> None:
-    cfg = PretrainConfig(**tiny_train_args(block_size=64, max_steps=40, per_device_train_batch_size=4, learning_rate=3e-3))
-    run_pretrain(tiny_base, vocab_run / "tokenizer", [small_corpus["train"]], tmp_path / "pt", cfg, cache_dir=tmp_path / "c")
+    cfg = PretrainConfig(
+        **tiny_train_args(block_size=64, max_steps=40, per_device_train_batch_size=4, learning_rate=3e-3)
+    )
+    run_pretrain(
+        tiny_base, vocab_run / "tokenizer", [small_corpus["train"]], tmp_path / "pt", cfg, cache_dir=tmp_path / "c"
+    )
     losses = [h["loss"] for h in json.loads((tmp_path / "pt" / "train_log.json").read_text()) if "loss" in h]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 1.0, f"loss did not fall: {first:.3f} -> {last:.3f}"

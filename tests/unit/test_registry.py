@@ -2,8 +2,8 @@
 
 import pytest
 
-from zhllama.config import RegisterConfig
-from zhllama.registry import gate
+from zhllama.core.registry import gate
+from zhllama.recipes.chinese_llama_alpaca.configs import RegisterConfig
 
 RULE = ["final_bits_per_char:min", "task_accuracy_loglik:max"]
 CHAMPION = {"final_bits_per_char": 5.0, "task_accuracy_loglik": 0.60}
@@ -11,11 +11,35 @@ CHAMPION = {"final_bits_per_char": 5.0, "task_accuracy_loglik": 0.60}
 CASES = [
     ("first version", None, {}, True, "no champion"),
     ("better on both", {"final_bits_per_char": 4.5, "task_accuracy_loglik": 0.7}, {}, True, "better on"),
-    ("better on one, equal on the other", {"final_bits_per_char": 4.9, "task_accuracy_loglik": 0.6}, {}, True, "better on final_bits_per_char"),
+    (
+        "better on one, equal on the other",
+        {"final_bits_per_char": 4.9, "task_accuracy_loglik": 0.6},
+        {},
+        True,
+        "better on final_bits_per_char",
+    ),
     ("identical", dict(CHAMPION), {}, False, "no gain"),
-    ("worse on one", {"final_bits_per_char": 4.0, "task_accuracy_loglik": 0.59}, {}, False, "worse on task_accuracy_loglik"),
-    ("small loss tolerated", {"final_bits_per_char": 4.0, "task_accuracy_loglik": 0.59}, {"max_regression": 0.02}, True, "better on"),
-    ("gain below the minimum", {"final_bits_per_char": 4.99, "task_accuracy_loglik": 0.6}, {"min_improvement": 0.05}, False, "no gain"),
+    (
+        "worse on one",
+        {"final_bits_per_char": 4.0, "task_accuracy_loglik": 0.59},
+        {},
+        False,
+        "worse on task_accuracy_loglik",
+    ),
+    (
+        "small loss tolerated",
+        {"final_bits_per_char": 4.0, "task_accuracy_loglik": 0.59},
+        {"max_regression": 0.02},
+        True,
+        "better on",
+    ),
+    (
+        "gain below the minimum",
+        {"final_bits_per_char": 4.99, "task_accuracy_loglik": 0.6},
+        {"min_improvement": 0.05},
+        False,
+        "no gain",
+    ),
 ]
 
 

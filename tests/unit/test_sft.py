@@ -4,20 +4,20 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tiny_train_args
-from zhllama.config import SftConfig
-from zhllama.io import InputError
-from zhllama.merge import merge_adapters
-from zhllama.modeling import load_model, load_tokenizer
-from zhllama.prompts import build_prompt
-from zhllama.sft import SftSource, read_alpaca, run_sft, tokenize_example
-from zhllama.training import IGNORE_INDEX
-from zhllama.vocab import add_pad_token
+from zhllama.core.io import InputError
+from zhllama.core.training.loss import IGNORE_INDEX
+from zhllama.recipes.chinese_llama_alpaca.configs import SftConfig
+from zhllama.recipes.chinese_llama_alpaca.merge import merge_adapters
+from zhllama.recipes.chinese_llama_alpaca.modeling import load_model, load_tokenizer
+from zhllama.recipes.chinese_llama_alpaca.prompts import build_prompt
+from zhllama.recipes.chinese_llama_alpaca.sft import SftSource, read_alpaca, run_sft, tokenize_example
+from zhllama.recipes.chinese_llama_alpaca.vocab import add_pad_token
 
 
 def test_prompt_template_joins_input_with_newline() -> None:
     prompt = build_prompt("判断情感", "很好用")
     assert prompt.endswith("### Instruction:\n判断情感\n很好用\n\n### Response: ")
-    assert build_prompt("你好") .count("\n\n### Response: ") == 1
+    assert build_prompt("你好").count("\n\n### Response: ") == 1
 
 
 def test_labels_masked_exactly_over_the_prompt(pt_merged: Path) -> None:
@@ -44,8 +44,16 @@ def test_collator_pads_with_pad_and_minus_100(pt_merged: Path) -> None:
 
 
 BAD_FILES = [
-    ("malformed-jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', r"bad\.jsonl:2: malformed JSON line"),
-    ("malformed-json", '[\n{"instruction": "a", "output": "b"},\n{"instruction": }\n]', r"bad\.jsonl:3: malformed JSON"),
+    (
+        "malformed-jsonl",
+        '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n',
+        r"bad\.jsonl:2: malformed JSON line",
+    ),
+    (
+        "malformed-json",
+        '[\n{"instruction": "a", "output": "b"},\n{"instruction": }\n]',
+        r"bad\.jsonl:3: malformed JSON",
+    ),
     ("missing-output", '{"instruction": "a", "input": "b"}\n', r"bad\.jsonl:1: missing field 'output'"),
     ("non-string", '{"instruction": "a", "output": 5}\n', r"field 'output' must be a string"),
     ("wrong-shape", '{"data": []}', r"expected a JSON list of records or JSONL"),
@@ -66,8 +74,16 @@ def test_sft_loss_falls_and_pad_is_added(tmp_path: Path, pt_merged: Path, defaul
     train = tmp_path / "train.json"
     records = json.loads((default_data / "sft" / "train.json").read_text(encoding="utf-8"))[:400]
     train.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
-    cfg = SftConfig(**tiny_train_args(max_steps=30, per_device_train_batch_size=8, learning_rate=3e-3, max_seq_length=128,
-                                      eval_steps=15, max_eval_examples=16))
+    cfg = SftConfig(
+        **tiny_train_args(
+            max_steps=30,
+            per_device_train_batch_size=8,
+            learning_rate=3e-3,
+            max_seq_length=128,
+            eval_steps=15,
+            max_eval_examples=16,
+        )
+    )
     metrics = run_sft(pt_merged, train, default_data / "sft" / "valid.json", tmp_path / "sft", cfg)
     losses = [h["loss"] for h in json.loads((tmp_path / "sft" / "train_log.json").read_text()) if "loss" in h]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
@@ -81,7 +97,7 @@ def test_sft_loss_falls_and_pad_is_added(tmp_path: Path, pt_merged: Path, defaul
 
 
 def test_length_grouping_cuts_padding(pt_merged: Path, default_data: Path) -> None:
-    from zhllama.training import batch_order
+    from zhllama.core.training.loop import batch_order
 
     tok = load_tokenizer(pt_merged)
     add_pad_token(tok)

@@ -7,23 +7,25 @@ from pathlib import Path
 
 import pytest
 
-from zhllama import tracking
-from zhllama.config import PretrainConfig
+from zhllama.core import tracking
+from zhllama.recipes.chinese_llama_alpaca.configs import PretrainConfig
 
 
-def _children(tracker: tracking.Tracker):
-    return tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{tracker.parent_run_id()}'")
+def _children(tracker: tracking.PipelineRun):
+    return tracker.client.search_runs(
+        [tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{tracker.parent_run_id()}'"
+    )
 
 
 def test_stages_nest_under_one_parent_per_pipeline_run(local_tracking: Path) -> None:
     cfg = PretrainConfig(max_steps=3)
-    first = tracking.Tracker(run_id="pipeline-a")
+    first = tracking.PipelineRun(run_id="pipeline-a")
     with first.stage("pretrain_stage2", cfg) as run:
         for step in (1, 2, 3):
             run.log_step({"step": step, "loss": 10.0 - step, "lr": 1e-4})
         run.log_metrics({"train_loss_last": 7.0, "data": {"train_blocks": 12}, "config": {"ignored": 1}})
-    # another process (a new Tracker) with the same pipeline run id joins the same parent
-    second = tracking.Tracker(run_id="pipeline-a")
+    # another process (a new PipelineRun) with the same pipeline run id joins the same parent
+    second = tracking.PipelineRun(run_id="pipeline-a")
     with second.stage("sft", None):
         pass
     assert second.parent_run_id() == first.parent_run_id()
@@ -38,14 +40,16 @@ def test_stages_nest_under_one_parent_per_pipeline_run(local_tracking: Path) -> 
     assert [(m.step, m.value) for m in history] == [(1, 9.0), (2, 8.0), (3, 7.0)]
     assert pt.data.metrics["data.train_blocks"] == 12 and "config.ignored" not in pt.data.metrics
     # a different pipeline run gets its own parent
-    assert tracking.Tracker(run_id="pipeline-b").parent_run_id() != first.parent_run_id()
+    assert tracking.PipelineRun(run_id="pipeline-b").parent_run_id() != first.parent_run_id()
 
 
 def test_lineage_tags_on_every_run_and_backfilled(local_tracking: Path, tiny_base: Path, vocab_run: Path) -> None:
-    tracker = tracking.Tracker(run_id="lineage")
+    tracker = tracking.PipelineRun(run_id="lineage")
     with tracker.stage("early", None, tracking.lineage("lineage")):
         pass  # knows neither the base model nor the tokenizer yet
-    with tracker.stage("later", None, tracking.lineage("lineage", base_model=tiny_base, tokenizer_dir=vocab_run / "tokenizer")):
+    with tracker.stage(
+        "later", None, tracking.lineage("lineage", base_model=tiny_base, tokenizer_dir=vocab_run / "tokenizer")
+    ):
         pass
     tracker.finish()
     for run in [*_children(tracker), tracker.client.get_run(tracker.parent_run_id())]:
@@ -59,7 +63,7 @@ def test_lineage_tags_on_every_run_and_backfilled(local_tracking: Path, tiny_bas
 
 
 def test_failed_stage_marks_its_run_and_the_parent_failed(local_tracking: Path) -> None:
-    tracker = tracking.Tracker(run_id="fails")
+    tracker = tracking.PipelineRun(run_id="fails")
     with pytest.raises(ValueError, match="boom"), tracker.stage("pretrain_stage2", None) as run:
         run.log_step({"step": 1, "loss": 3.0})
         raise ValueError("boom")
@@ -76,7 +80,7 @@ def test_unreachable_server_fails_fast_with_one_clear_error(monkeypatch) -> None
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on the discard port
     started = time.monotonic()
     with pytest.raises(tracking.TrackingError, match=r"http://127.0.0.1:9 is not reachable.*make services"):
-        tracking.Tracker(run_id="x")
+        tracking.PipelineRun(run_id="x")
     assert time.monotonic() - started < 10
 
 

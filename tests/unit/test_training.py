@@ -6,17 +6,25 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zhllama.config import PretrainConfig
-from zhllama.pretrain import apply_lora
-from zhllama.training import IGNORE_INDEX, CausalLMLoss
+from zhllama.core.training.loss import IGNORE_INDEX, CausalLMLoss
+from zhllama.recipes.chinese_llama_alpaca.configs import PretrainConfig
+from zhllama.recipes.chinese_llama_alpaca.pretrain import apply_lora
 
 
 def _tiny(tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, tie_word_embeddings=tied))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=300,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            tie_word_embeddings=tied,
+        )
+    )
 
 
 def _batch():
@@ -32,15 +40,21 @@ def _batch():
 
 def _plain_loss(model, ids, labels, mask):
     logits = model(input_ids=ids, attention_mask=mask).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
 
 
 def _grads(model, loss_fn):
     model.zero_grad(set_to_none=True)
     loss = loss_fn()
     loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return loss.item(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None
+    }
 
 
 @pytest.mark.parametrize("setup", ["lora_modules_to_save", "full_model", "tied_embeddings"])

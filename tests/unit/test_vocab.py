@@ -6,9 +6,9 @@ import sentencepiece as spm
 
 from tests.conftest import shared_file
 from zhllama import cli
-from zhllama.config import VocabConfig
-from zhllama.io import InputError
-from zhllama.vocab import (
+from zhllama.core.io import InputError
+from zhllama.recipes.chinese_llama_alpaca.configs import VocabConfig
+from zhllama.recipes.chinese_llama_alpaca.vocab import (
     HF_TOKENIZER_DIR,
     MERGED_SP_MODEL,
     METRICS_FILE,
@@ -78,7 +78,9 @@ def test_fallback_base_tokenizer_is_llama_like() -> None:
     processor = spm.SentencePieceProcessor(model_file=str(path))
     assert processor.get_piece_size() == 32000
     stats = tokenizer_stats(path, ["迈向充满希望的新世纪，一九九八年新年讲话。"])
-    assert stats["tokens_per_chinese_char"] > 1.2, "the fallback must split Chinese into many (byte) tokens, as LLaMA's does"
+    assert stats["tokens_per_chinese_char"] > 1.2, (
+        "the fallback must split Chinese into many (byte) tokens, as LLaMA's does"
+    )
 
 
 def test_base_tokenizer_resolution(tmp_path: Path, monkeypatch) -> None:
@@ -94,6 +96,7 @@ def test_base_tokenizer_resolution(tmp_path: Path, monkeypatch) -> None:
 
 # --- bad input: one clear error naming the file, no output directory left behind --------------
 
+
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
@@ -103,13 +106,29 @@ BAD_INPUTS = [
     # (id, train corpus bytes, base tokenizer bytes or None for the real one, vocab_size, expected message)
     ("empty-corpus", b"\n\n", None, 500, r"train\.txt: corpus is empty"),
     ("non-utf8", "好\n".encode() + "坏".encode("gbk") + b"\n", None, 500, r"train\.txt:2: not UTF-8"),
-    ("vocab-too-large", "春眠不觉晓处处闻啼鸟\n夜来风雨声花落知多少\n".encode(), None, 5000, r"cannot support vocab_size=5000"),
-    ("base-not-sentencepiece", "你好世界\n".encode() * 50, b"this is not a model", 100, r"base\.model: not a SentencePiece model"),
+    (
+        "vocab-too-large",
+        "春眠不觉晓处处闻啼鸟\n夜来风雨声花落知多少\n".encode(),
+        None,
+        5000,
+        r"cannot support vocab_size=5000",
+    ),
+    (
+        "base-not-sentencepiece",
+        "你好世界\n".encode() * 50,
+        b"this is not a model",
+        100,
+        r"base\.model: not a SentencePiece model",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("corpus", "base", "vocab_size", "message"), [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_fails_cleanly(tmp_path: Path, corpus: bytes, base: bytes | None, vocab_size: int, message: str) -> None:
+@pytest.mark.parametrize(
+    ("corpus", "base", "vocab_size", "message"), [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
+)
+def test_bad_input_fails_cleanly(
+    tmp_path: Path, corpus: bytes, base: bytes | None, vocab_size: int, message: str
+) -> None:
     train = _write(tmp_path / "train.txt", corpus)
     valid = _write(tmp_path / "valid.txt", "你好，世界。\n".encode())
     base_path = _write(tmp_path / "base.model", base) if base is not None else None
@@ -136,6 +155,7 @@ def test_cli_prints_one_line_error(tmp_path: Path, capsys) -> None:
 
 
 # --- the published reference, with the real files ---------------------------------------------
+
 
 @pytest.mark.shared
 def test_reference_merge_reproduces_49953(tmp_path: Path, default_data: Path) -> None:

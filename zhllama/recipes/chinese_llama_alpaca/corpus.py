@@ -10,8 +10,13 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-from zhllama.io import InputError
+from zhllama.core.io import InputError
+
+# The files a data folder holds (data/ in the checkout, the data step's Dataset artifact).
+CORPUS_FILES = ("corpus/train.txt", "corpus/valid.txt", "corpus/test.txt")
+SFT_FILES = ("sft/train.json", "sft/valid.json", "sft/test.json")
 
 # CJK Unified Ideographs (+ extension A and compatibility ideographs): what "a Chinese character" means here.
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
@@ -59,3 +64,19 @@ def check_corpus(paths: Sequence[str | os.PathLike[str]]) -> dict[str, int]:
 def read_corpus(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     check_corpus(paths)
     return [line for path in paths for line in iter_corpus_lines(path)]
+
+
+def validate_data(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Every corpus file UTF-8 and non-empty, every instruction file well-formed."""
+    from zhllama.recipes.chinese_llama_alpaca.sft import read_alpaca
+
+    root = Path(folder)
+    missing = [name for name in (*CORPUS_FILES, *SFT_FILES) if not (root / name).is_file()]
+    if missing:
+        raise InputError(f"{root}: missing {', '.join(missing)}")
+    report: dict[str, Any] = {"corpus": {}, "sft": {}}
+    for name in CORPUS_FILES:
+        report["corpus"][Path(name).stem] = check_corpus([root / name])
+    for name in SFT_FILES:
+        report["sft"][Path(name).stem] = {"examples": len(read_alpaca(root / name))}
+    return report

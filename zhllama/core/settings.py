@@ -11,7 +11,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+# The project folder: $ZHLLAMA_PROJECT_DIR, else the checkout the package sits in (editable
+# install, the image's /opt/zhllama), else the working directory (a wheel in site-packages).
+PROJECT_ROOT = Path(
+    os.environ.get("ZHLLAMA_PROJECT_DIR")
+    or (PACKAGE_DIR.parent if (PACKAGE_DIR.parent / "pyproject.toml").is_file() else Path.cwd())
+).resolve()
 
 
 def _env(name: str, default: str) -> str:
@@ -26,7 +32,9 @@ class Settings:
     state_dir: Path = field(default_factory=lambda: Path(_env("ZHLLAMA_STATE_DIR", str(PROJECT_ROOT / ".services"))))
     # The project's own container engine (make engine): socket, images and layers. Apart from
     # state_dir, so services started elsewhere (the test fixture's) share the one engine and its images.
-    engine_dir: Path = field(default_factory=lambda: Path(_env("ZHLLAMA_ENGINE_DIR", str(PROJECT_ROOT / ".services" / "docker"))))
+    engine_dir: Path = field(
+        default_factory=lambda: Path(_env("ZHLLAMA_ENGINE_DIR", str(PROJECT_ROOT / ".services" / "docker")))
+    )
     s3_port: int = field(default_factory=lambda: int(_env("ZHLLAMA_S3_PORT", "18333")))
     weed_master_port: int = field(default_factory=lambda: int(_env("ZHLLAMA_WEED_MASTER_PORT", "19333")))
     weed_volume_port: int = field(default_factory=lambda: int(_env("ZHLLAMA_WEED_VOLUME_PORT", "18080")))
@@ -37,6 +45,14 @@ class Settings:
     s3_secret_key: str = field(default_factory=lambda: _env("ZHLLAMA_S3_SECRET_KEY", "zhllama-local-only"))
     mlflow_bucket: str = field(default_factory=lambda: _env("ZHLLAMA_MLFLOW_BUCKET", "mlflow"))
     dvc_bucket: str = field(default_factory=lambda: _env("ZHLLAMA_DVC_BUCKET", "dvc"))
+    # Files a checkout has; each can point elsewhere when the package is installed on its own.
+    mlflow_server_script: Path = field(
+        default_factory=lambda: Path(_env("ZHLLAMA_MLFLOW_SERVER_SCRIPT", str(PROJECT_ROOT / "mlflow" / "server.sh")))
+    )
+    data_dvc_file: Path = field(default_factory=lambda: Path(_env("ZHLLAMA_DATA_DVC", str(PROJECT_ROOT / "data.dvc"))))
+    shared_dir: Path = field(
+        default_factory=lambda: Path(_env("ZHLLAMA_SHARED_DIR", str(PROJECT_ROOT.parent / "shared")))
+    )
 
     @property
     def s3_endpoint(self) -> str:

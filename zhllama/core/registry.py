@@ -13,17 +13,15 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from zhllama import tracking
-from zhllama.config import RegisterConfig, parse_promotion_metric
-from zhllama.io import InputError, read_json, write_json
+from zhllama.core import tracking
+from zhllama.core.config import RegisterConfig, parse_promotion_metric
+from zhllama.core.io import InputError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +29,6 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 STATE_TAG = "zhllama.state"  # pending while a registration is under way, ready when whole
 METRIC_TAG = "metric."
 DECISION_TAG = "promotion.decision"
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-               "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "zhllama_merge.json")
 
 
 class RegistryError(RuntimeError):
@@ -56,10 +52,12 @@ def champion_version(client, name: str):
 
 
 def version_metrics(version) -> dict[str, float]:
-    return {k[len(METRIC_TAG):]: float(v) for k, v in version.tags.items() if k.startswith(METRIC_TAG)}
+    return {k[len(METRIC_TAG) :]: float(v) for k, v in version.tags.items() if k.startswith(METRIC_TAG)}
 
 
-def gate(candidate: dict[str, float], champion: dict[str, float] | None, cfg: RegisterConfig) -> tuple[bool, str, dict[str, Any]]:
+def gate(
+    candidate: dict[str, float], champion: dict[str, float] | None, cfg: RegisterConfig
+) -> tuple[bool, str, dict[str, Any]]:
     """(promote?, reason, compared figures). The challenger must lose on no listed metric by more
     than ``max_regression`` and gain at least ``min_improvement`` (and more than 0) on one."""
     if champion is None:
@@ -97,7 +95,9 @@ def promotion_lock(client, name: str, timeout: float) -> Iterator[None]:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            client.create_registered_model(lock, description=f"zhllama promotion lock held by {holder}; removed when the promotion ends")
+            client.create_registered_model(
+                lock, description=f"zhllama promotion lock held by {holder}; removed when the promotion ends"
+            )
             break
         except MlflowException as err:
             if "ALREADY_EXISTS" not in str(err.error_code) and "already exists" not in str(err).lower():
@@ -109,7 +109,9 @@ def promotion_lock(client, name: str, timeout: float) -> Iterator[None]:
                     client.delete_registered_model(lock)
                     continue
             if time.monotonic() > deadline:
-                raise RegistryError(f"promotion lock {lock} still held after {timeout:.0f} s; delete that registered model if its holder died") from None
+                raise RegistryError(
+                    f"promotion lock {lock} still held after {timeout:.0f} s; delete that registered model if its holder died"
+                ) from None
             time.sleep(0.5)
     try:
         yield
@@ -118,70 +120,27 @@ def promotion_lock(client, name: str, timeout: float) -> Iterator[None]:
             client.delete_registered_model(lock)
 
 
-def _package_model(model_dir: Path, into: Path) -> Path:
-    """The model files plus the serving config (prompt and generation settings), nothing else."""
-    from zhllama.serving import SERVING_FILE, serving_config
-
-    target = into / "model"
-    target.mkdir()
-    for name in MODEL_FILES:
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, target / name)
-    for shard in model_dir.glob("model-*.safetensors"):
-        shutil.copy2(shard, target / shard.name)
-    write_json(target / SERVING_FILE, serving_config())
-    return target
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    packages = ("torch", "transformers", "tokenizers", "safetensors", "sentencepiece", "protobuf", "pandas", "mlflow")
-    return [f"{p}=={version(p).split('+')[0]}" for p in packages]
-
-
-def log_pyfunc_model(model_dir: Path, run_id: str, uri: str):
-    """Log the model as an MLflow pyfunc (safetensors weights, tokenizer, prompt, generation
-    settings, signature and input example) in ``run_id``; returns its ModelInfo."""
-    import mlflow
-    import pandas as pd
-    from mlflow.models import infer_signature
-
-    from zhllama.generation import GenerationSettings
-    from zhllama.serving import EXAMPLE, MODEL_ARTIFACT, ChineseAlpacaModel
-
-    example = pd.DataFrame(EXAMPLE)
-    defaults = {k: v for k, v in GenerationSettings().__dict__.items()}
-    signature = infer_signature(example, ["正面"], params=defaults)
-    mlflow.set_tracking_uri(uri)
-    with tempfile.TemporaryDirectory(prefix="zhllama-register-") as tmp, mlflow.start_run(run_id=run_id):
-        packaged = _package_model(model_dir, Path(tmp))
-        return mlflow.pyfunc.log_model(
-            name="model",
-            python_model=ChineseAlpacaModel(),
-            artifacts={MODEL_ARTIFACT: str(packaged)},
-            code_paths=[str(Path(__file__).resolve().parent)],  # the zhllama package: loads without an install
-            signature=signature,
-            input_example=example,
-            pip_requirements=_requirements(),
-        )
-
-
-def register(model_dir: str | os.PathLike[str], eval_dir: str | os.PathLike[str], cfg: RegisterConfig,
-             tracker: tracking.Tracker | None = None) -> dict[str, Any]:
+def register(
+    model_dir: str | os.PathLike[str],
+    eval_dir: str | os.PathLike[str],
+    cfg: RegisterConfig,
+    log_model: Callable[[Path, str, str], Any],
+    tracker: tracking.PipelineRun | None = None,
+) -> dict[str, Any]:
     """Log, register, tag and (if the gate passes) promote the final model. On failure no
-    version is left behind: a version created before the error is deleted again."""
-    from zhllama import modeling
-
-    model_dir = modeling.check_model_dir(model_dir)
+    version is left behind: a version created before the error is deleted again. ``log_model``
+    (the recipe's) logs ``model_dir`` into the given run and returns MLflow's ModelInfo."""
+    model_dir = Path(model_dir)
     summary = read_json(Path(eval_dir) / "metrics.json").get("summary", {})
     for spec in cfg.promotion_metrics:
         name, _ = parse_promotion_metric(spec)
         if name not in summary:
-            raise InputError(f"{eval_dir}/metrics.json: no metric {name!r} for the promotion gate; it has {', '.join(sorted(summary))}")
-    tracker = tracker or tracking.Tracker()  # fails fast, with one message, when the server is down
+            raise InputError(
+                f"{eval_dir}/metrics.json: no metric {name!r} for the promotion gate; it has {', '.join(sorted(summary))}"
+            )
+    tracker = tracker or tracking.PipelineRun()  # fails fast, with one message, when the server is down
     try:
-        return _register(model_dir, summary, cfg, tracker)
+        return _register(model_dir, summary, cfg, tracker, log_model)
     except Exception as err:
         if tracking.server_up(tracker.uri):
             raise
@@ -192,12 +151,18 @@ def register(model_dir: str | os.PathLike[str], eval_dir: str | os.PathLike[str]
         ) from None
 
 
-def _register(model_dir: Path, summary: dict[str, float], cfg: RegisterConfig, tracker: tracking.Tracker) -> dict[str, Any]:
+def _register(
+    model_dir: Path,
+    summary: dict[str, float],
+    cfg: RegisterConfig,
+    tracker: tracking.PipelineRun,
+    log_model: Callable[[Path, str, str], Any],
+) -> dict[str, Any]:
     client = tracker.client
     _remove_abandoned(client, cfg.model_name, tracker.pipeline_run_id)
     known = tracking.lineage(tracker.pipeline_run_id)
     with tracker.stage("register", cfg, known) as run:
-        model_info = log_pyfunc_model(model_dir, run.run_id, tracker.uri)
+        model_info = log_model(model_dir, run.run_id, tracker.uri)
         version = None
         try:
             version = _create_version(client, cfg.model_name, model_info, run.run_id, tracker.pipeline_run_id)
@@ -217,9 +182,16 @@ def _register(model_dir: Path, summary: dict[str, float], cfg: RegisterConfig, t
             raise
         run.log_metrics({"registered_version": int(version.version), "promoted": int(decision["promoted"])})
         run.set_tags({"zhllama.registered_version": version.version, DECISION_TAG: decision["decision"]})
-    result = {"model_name": cfg.model_name, "version": str(version.version), "model_uri": model_info.model_uri,
-              "run_id": run.run_id, **decision}
-    log.info("registered %s version %s: %s (%s)", cfg.model_name, version.version, decision["decision"], decision["reason"])
+    result = {
+        "model_name": cfg.model_name,
+        "version": str(version.version),
+        "model_uri": model_info.model_uri,
+        "run_id": run.run_id,
+        **decision,
+    }
+    log.info(
+        "registered %s version %s: %s (%s)", cfg.model_name, version.version, decision["decision"], decision["reason"]
+    )
     return result
 
 
@@ -229,7 +201,9 @@ def _create_version(client, name: str, model_info, run_id: str, pipeline_run_id:
     with contextlib.suppress(MlflowException):  # exists already
         client.create_registered_model(name, description="Chinese-LLaMA-Alpaca models trained by zhllama")
     tags = {STATE_TAG: "pending", tracking.PIPELINE_RUN_TAG: pipeline_run_id}
-    return client.create_model_version(name, source=model_info.model_uri, run_id=run_id, tags=tags, model_id=model_info.model_id)
+    return client.create_model_version(
+        name, source=model_info.model_uri, run_id=run_id, tags=tags, model_id=model_info.model_id
+    )
 
 
 def _remove_abandoned(client, name: str, pipeline_run_id: str) -> list[str]:
@@ -254,7 +228,12 @@ def _remove_abandoned(client, name: str, pipeline_run_id: str) -> list[str]:
             client.delete_model_version(name, version.version)
             removed.append(version.version)
     if removed:
-        log.warning("removed version(s) %s of %s, left pending by a failed earlier attempt of pipeline run %s", removed, name, pipeline_run_id)
+        log.warning(
+            "removed version(s) %s of %s, left pending by a failed earlier attempt of pipeline run %s",
+            removed,
+            name,
+            pipeline_run_id,
+        )
     return removed
 
 
@@ -268,16 +247,28 @@ def _promote_by_gate(client, cfg: RegisterConfig, version: str, summary: dict[st
         decision = "promoted" if promote else "kept champion"
         # The record first, the aliases last: a failure part-way never leaves a moved alias without
         # the tag that says where it was (_remove_abandoned puts it back from there).
-        for key, value in {DECISION_TAG: decision, "promotion.reason": reason, "promotion.compared": json.dumps(compared),
-                           "promotion.champion_before": previous}.items():
+        for key, value in {
+            DECISION_TAG: decision,
+            "promotion.reason": reason,
+            "promotion.compared": json.dumps(compared),
+            "promotion.champion_before": previous,
+        }.items():
             client.set_model_version_tag(name, version, key, value)
         client.set_registered_model_alias(name, CHALLENGER, version)
         if promote:
             client.set_registered_model_alias(name, CHAMPION, version)
-    return {"decision": decision, "promoted": promote, "reason": reason, "compared": compared, "champion_before": previous}
+    return {
+        "decision": decision,
+        "promoted": promote,
+        "reason": reason,
+        "compared": compared,
+        "champion_before": previous,
+    }
 
 
-def promote(version: str | int, reason: str, model_name: str, uri: str | None = None, lock_timeout: float = 120.0) -> dict[str, Any]:
+def promote(
+    version: str | int, reason: str, model_name: str, uri: str | None = None, lock_timeout: float = 120.0
+) -> dict[str, Any]:
     """Move ``champion`` to ``version`` by hand, recording the reason and the previous champion."""
     from mlflow.exceptions import MlflowException
 
@@ -290,13 +281,19 @@ def promote(version: str | int, reason: str, model_name: str, uri: str | None = 
     except MlflowException as err:
         raise RegistryError(f"model {model_name!r} has no version {version}: {err.message}") from None
     if target.tags.get(STATE_TAG) != "ready":
-        raise RegistryError(f"{model_name} version {version} is not a complete registration ({STATE_TAG}={target.tags.get(STATE_TAG)!r})")
+        raise RegistryError(
+            f"{model_name} version {version} is not a complete registration ({STATE_TAG}={target.tags.get(STATE_TAG)!r})"
+        )
     with promotion_lock(client, model_name, lock_timeout):
         current = champion_version(client, model_name)
         previous = current.version if current is not None else ""
         client.set_registered_model_alias(model_name, CHAMPION, version)
-        for key, value in {DECISION_TAG: "promoted by hand", "promotion.reason": reason, "promotion.champion_before": previous,
-                           "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}.items():
+        for key, value in {
+            DECISION_TAG: "promoted by hand",
+            "promotion.reason": reason,
+            "promotion.champion_before": previous,
+            "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }.items():
             client.set_model_version_tag(model_name, version, key, value)
     log.info("%s: champion %s -> %s (%s)", model_name, previous or "none", version, reason)
     return {"model_name": model_name, "version": version, "champion_before": previous, "reason": reason}
@@ -308,5 +305,9 @@ def data_changed(model_name: str, data_md5: str, uri: str | None = None) -> dict
     client = tracking.client(uri)
     champion = champion_version(client, model_name)
     trained_on = champion.tags.get("zhllama.data_dvc_md5") if champion is not None else None
-    return {"changed": trained_on != data_md5, "data_md5": data_md5, "champion_version": champion.version if champion else None,
-            "champion_data_md5": trained_on}
+    return {
+        "changed": trained_on != data_md5,
+        "data_md5": data_md5,
+        "champion_version": champion.version if champion else None,
+        "champion_data_md5": trained_on,
+    }

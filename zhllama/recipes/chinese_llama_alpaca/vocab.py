@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from zhllama.config import VocabConfig
-from zhllama.data import check_corpus, count_chinese_chars, iter_corpus_lines
-from zhllama.io import InputError, atomic_dir, sha256_file, write_json
-from zhllama.settings import PROJECT_ROOT
+from zhllama.core.io import InputError, atomic_dir, sha256_file, write_json
+from zhllama.core.settings import get_settings
+from zhllama.recipes.chinese_llama_alpaca.configs import VocabConfig
+from zhllama.recipes.chinese_llama_alpaca.corpus import check_corpus, count_chinese_chars, iter_corpus_lines
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ PAD_TOKEN = "[PAD]"
 # The base tokenizer when none is given: LLaMA's own from ../shared when that folder is
 # beside the checkout, else Mistral 7B v0.1's (a LLaMA-style 32,000-piece SentencePiece BPE
 # with byte fallback that the mistral-common wheel ships, so a bare machine still runs).
-SHARED_LLAMA_TOKENIZER = PROJECT_ROOT.parent / "shared" / "data" / "llama-tokenizer.model"
 BASE_TOKENIZER_ENV = "ZHLLAMA_BASE_TOKENIZER"
 
 
@@ -50,15 +49,16 @@ def fallback_base_tokenizer() -> Path:
 
 def resolve_base_tokenizer(explicit: str | os.PathLike[str] | None = None) -> Path:
     """The base SentencePiece model: the given path, else $ZHLLAMA_BASE_TOKENIZER, else
-    LLaMA's from ../shared/data, else the mistral-common fallback."""
+    LLaMA's from the shared data folder (``Settings.shared_dir``), else the mistral-common fallback."""
     for candidate in (explicit, os.environ.get(BASE_TOKENIZER_ENV)):
         if candidate:
             path = Path(candidate)
             if not path.is_file():
                 raise InputError(f"{path}: base tokenizer not found")
             return path
-    if SHARED_LLAMA_TOKENIZER.is_file():
-        return SHARED_LLAMA_TOKENIZER
+    shared = get_settings().shared_dir / "data" / "llama-tokenizer.model"
+    if shared.is_file():
+        return shared
     return fallback_base_tokenizer()
 
 
@@ -77,12 +77,20 @@ def load_sp_proto(path: str | os.PathLike[str], role: str = "tokenizer"):
     return proto
 
 
-def train_sentencepiece(corpus_files: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str], cfg: VocabConfig) -> Path:
+def train_sentencepiece(
+    corpus_files: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str], cfg: VocabConfig
+) -> Path:
     """Train the Chinese SentencePiece model on the corpus; returns ``out_dir/chinese_sp.model``."""
     import sentencepiece as spm
 
     stats = check_corpus(corpus_files)
-    log.info("training SentencePiece (%s, vocab %d) on %d lines / %d chars", cfg.model_type, cfg.vocab_size, stats["lines"], stats["chars"])
+    log.info(
+        "training SentencePiece (%s, vocab %d) on %d lines / %d chars",
+        cfg.model_type,
+        cfg.vocab_size,
+        stats["lines"],
+        stats["chars"],
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = out_dir / Path(CHINESE_SP_MODEL).stem
@@ -119,7 +127,9 @@ def train_sentencepiece(corpus_files: Sequence[str | os.PathLike[str]], out_dir:
     return prefix.with_suffix(".model")
 
 
-def merge_sp_models(base_path: str | os.PathLike[str], chinese_path: str | os.PathLike[str], new_piece_score: str = "descending"):
+def merge_sp_models(
+    base_path: str | os.PathLike[str], chinese_path: str | os.PathLike[str], new_piece_score: str = "descending"
+):
     """Append each piece of the Chinese model that the base lacks. The base's pieces, ids and
     scores stay as they are. Returns (merged proto, number of pieces added)."""
     base = load_sp_proto(base_path, "base tokenizer")
@@ -157,7 +167,9 @@ def _special_tokens(proto) -> dict[str, str]:
     return tokens
 
 
-def write_hf_tokenizer(sp_model: str | os.PathLike[str], out_dir: str | os.PathLike[str], model_max_length: int = 2048) -> Path:
+def write_hf_tokenizer(
+    sp_model: str | os.PathLike[str], out_dir: str | os.PathLike[str], model_max_length: int = 2048
+) -> Path:
     """Write a Hugging Face LLaMA tokenizer directory that loads offline with
     ``AutoTokenizer.from_pretrained``: ``tokenizer.model`` (SentencePiece, the slow form) and
     ``tokenizer.json`` (the fast form converted from it)."""
@@ -182,7 +194,9 @@ def write_hf_tokenizer(sp_model: str | os.PathLike[str], out_dir: str | os.PathL
     tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     if len(tokenizer) != len(proto.pieces):
-        raise RuntimeError(f"{out_dir}: Hugging Face tokenizer has {len(tokenizer)} tokens, SentencePiece {len(proto.pieces)}")
+        raise RuntimeError(
+            f"{out_dir}: Hugging Face tokenizer has {len(tokenizer)} tokens, SentencePiece {len(proto.pieces)}"
+        )
     return out_dir
 
 
@@ -203,7 +217,7 @@ def tokenizer_stats(sp_model: str | os.PathLike[str], texts: Sequence[str]) -> d
     chars = sum(map(len, texts))
     zh_chars = sum(count_chinese_chars(t) for t in texts)
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    round_trip = sum(processor.decode(i) == t for i, t in zip(ids, texts))
+    round_trip = sum(processor.decode(i) == t for i, t in zip(ids, texts, strict=True))
     return {
         "vocab_size": processor.get_piece_size(),
         "tokens": tokens,
@@ -223,7 +237,7 @@ def fast_slow_agreement(tokenizer_dir: str | os.PathLike[str], texts: Sequence[s
     fast = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     slow = spm.SentencePieceProcessor(model_file=str(Path(tokenizer_dir) / "tokenizer.model"))
     fast_ids = fast(list(texts), add_special_tokens=False)["input_ids"]
-    return sum(f == s for f, s in zip(fast_ids, slow.encode(list(texts)))) / max(len(texts), 1)
+    return sum(f == s for f, s in zip(fast_ids, slow.encode(list(texts)), strict=True)) / max(len(texts), 1)
 
 
 def merge_tokenizers(
@@ -285,12 +299,17 @@ def run_vocab(
             "base": base_stats,
             "merged": merged_stats,
             "fast_slow_agreement": fast_slow_agreement(tmp / HF_TOKENIZER_DIR, valid_texts),
-            "tokens_per_chinese_char_ratio": merged_stats["tokens_per_chinese_char"] / base_stats["tokens_per_chinese_char"],
+            "tokens_per_chinese_char_ratio": merged_stats["tokens_per_chinese_char"]
+            / base_stats["tokens_per_chinese_char"],
         }
         write_json(tmp / METRICS_FILE, metrics)
     log.info(
         "vocab: %d -> %d pieces (+%d); tokens/Chinese char %.3f -> %.3f; trained in %.1f s",
-        metrics["base_vocab_size"], metrics["merged_vocab_size"], metrics["pieces_added"],
-        base_stats["tokens_per_chinese_char"], merged_stats["tokens_per_chinese_char"], train_seconds,
+        metrics["base_vocab_size"],
+        metrics["merged_vocab_size"],
+        metrics["pieces_added"],
+        base_stats["tokens_per_chinese_char"],
+        merged_stats["tokens_per_chinese_char"],
+        train_seconds,
     )
     return metrics

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from zhllama.prompts import build_prompt, extract_response
+from zhllama.recipes.chinese_llama_alpaca.prompts import build_prompt, extract_response
 
 
 @dataclasses.dataclass
@@ -22,7 +22,9 @@ class GenerationSettings:
     seed: int = 0
 
 
-def generate(model, tokenizer, instruction: str, input_text: str = "", settings: GenerationSettings | None = None) -> str:
+def generate(
+    model, tokenizer, instruction: str, input_text: str = "", settings: GenerationSettings | None = None
+) -> str:
     settings = settings or GenerationSettings()
     torch.manual_seed(settings.seed)
     prompt = build_prompt(instruction, input_text)

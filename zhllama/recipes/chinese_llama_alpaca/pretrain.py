@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from zhllama import modeling
-from zhllama.config import PretrainConfig, TrainArgs
-from zhllama.data import iter_corpus_lines
-from zhllama.io import InputError, atomic_dir, sha256_file, write_json
-from zhllama.training import Dist, init_distributed, train
+from zhllama.core.io import InputError, atomic_dir, sha256_file, write_json
+from zhllama.core.training.loop import Dist, init_distributed, train
+from zhllama.recipes.chinese_llama_alpaca import modeling
+from zhllama.recipes.chinese_llama_alpaca.configs import PretrainConfig, TrainArgs
+from zhllama.recipes.chinese_llama_alpaca.corpus import iter_corpus_lines
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,11 @@ class BlockSource:
 
 
 def tokenizer_fingerprint(tokenizer_dir: str | os.PathLike[str]) -> str:
-    files = sorted(p for p in Path(tokenizer_dir).iterdir() if p.name in {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"})
+    files = sorted(
+        p
+        for p in Path(tokenizer_dir).iterdir()
+        if p.name in {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"}
+    )
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + sha256_file(path).encode())
@@ -64,17 +68,23 @@ def group_texts(token_lists: Sequence[Sequence[int]], block_size: int) -> torch.
     flat = [t for ids in token_lists for t in ids]
     n = len(flat) // block_size
     if n == 0:
-        raise InputError(f"the corpus gives {len(flat)} tokens, fewer than one block of {block_size}: add text or lower block_size")
+        raise InputError(
+            f"the corpus gives {len(flat)} tokens, fewer than one block of {block_size}: add text or lower block_size"
+        )
     return torch.tensor(flat[: n * block_size], dtype=torch.int64).view(n, block_size)
 
 
-def load_blocks(files: Sequence[str | os.PathLike[str]], tokenizer, tokenizer_dir, block_size: int, cache_dir: Path | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+def load_blocks(
+    files: Sequence[str | os.PathLike[str]], tokenizer, tokenizer_dir, block_size: int, cache_dir: Path | None = None
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Tokenized, grouped blocks, cached on disk under a key of the tokenizer's and the
     files' *contents* and the block size (never their names: a renamed or edited file is
     handled correctly)."""
     cache_dir = cache_dir or default_cache_dir()
     key = hashlib.sha256(
-        "|".join([CACHE_VERSION, tokenizer_fingerprint(tokenizer_dir), str(block_size), *(sha256_file(f) for f in files)]).encode()
+        "|".join(
+            [CACHE_VERSION, tokenizer_fingerprint(tokenizer_dir), str(block_size), *(sha256_file(f) for f in files)]
+        ).encode()
     ).hexdigest()[:32]
     path = cache_dir / "blocks" / f"{key}.safetensors"
     if path.is_file():
@@ -103,7 +113,9 @@ def split_blocks(blocks: torch.Tensor, percent: float, seed: int, max_eval: int)
     if max_eval:
         n_eval = min(n_eval, max_eval)
     if n_eval >= blocks.shape[0]:
-        raise InputError(f"{blocks.shape[0]} blocks cannot spare {n_eval} for evaluation: add text or lower validation_split_percentage")
+        raise InputError(
+            f"{blocks.shape[0]} blocks cannot spare {n_eval} for evaluation: add text or lower validation_split_percentage"
+        )
     return blocks[perm[n_eval:]], blocks[perm[:n_eval]]
 
 
@@ -127,7 +139,9 @@ def apply_lora(model, cfg: TrainArgs):
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = sorted(set(cfg.lora_target_modules) - present)
     if missing:
-        raise InputError(f"lora_target_modules {missing} are not modules of this model (it has e.g. {sorted(present)[:12]})")
+        raise InputError(
+            f"lora_target_modules {missing} are not modules of this model (it has e.g. {sorted(present)[:12]})"
+        )
     return get_peft_model(model, lora_config(cfg))
 
 
@@ -173,15 +187,28 @@ def run_pretrain(
     model, tokenizer, resize_info = prepare_model(base_model_dir, tokenizer_dir, cfg)
     blocks, cache_info = load_blocks(train_files, tokenizer, tokenizer_dir, cfg.block_size, cache_dir)
     train_blocks, eval_blocks = split_blocks(blocks, cfg.validation_split_percentage, cfg.seed, cfg.max_eval_blocks)
-    log.info("pretraining stage %d: %d train blocks, %d eval blocks of %d tokens", cfg.stage, len(train_blocks), len(eval_blocks), cfg.block_size)
+    log.info(
+        "pretraining stage %d: %d train blocks, %d eval blocks of %d tokens",
+        cfg.stage,
+        len(train_blocks),
+        len(eval_blocks),
+        cfg.block_size,
+    )
     if cfg.stage == 1:
         freeze_all_but_embeddings(model)
     else:
         model = apply_lora(model, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = train(
-        model, BlockSource(train_blocks), BlockSource(eval_blocks) if len(eval_blocks) else None, cfg, out_dir,
-        resume=resume, world=world, stop_after_steps=stop_after_steps, on_log=on_log,
+        model,
+        BlockSource(train_blocks),
+        BlockSource(eval_blocks) if len(eval_blocks) else None,
+        cfg,
+        out_dir,
+        resume=resume,
+        world=world,
+        stop_after_steps=stop_after_steps,
+        on_log=on_log,
     )
     metrics = {
         **result.metrics,

@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from zhllama.settings import PROJECT_ROOT, Settings, get_settings
+from zhllama.core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -161,16 +161,25 @@ def start_seaweedfs(settings: Settings, timeout: float = 60) -> None:
     data_dir = settings.state_dir / "seaweedfs"
     data_dir.mkdir(parents=True, exist_ok=True)  # weed refuses to start without it
     cmd = [
-        _bin("weed"), "server",
-        f"-ip={settings.host}", f"-ip.bind={settings.host}",
-        f"-dir={data_dir}", f"-master.dir={data_dir}",
+        _bin("weed"),
+        "server",
+        f"-ip={settings.host}",
+        f"-ip.bind={settings.host}",
+        f"-dir={data_dir}",
+        f"-master.dir={data_dir}",
         f"-master.port={settings.weed_master_port}",
         f"-volume.port={settings.weed_volume_port}",
-        "-volume.max=0", "-master.volumeSizeLimitMB=256",
-        "-filer", f"-filer.port={settings.weed_filer_port}",
-        "-s3", f"-s3.port={settings.s3_port}", f"-s3.config={_identities(settings)}",
+        "-volume.max=0",
+        "-master.volumeSizeLimitMB=256",
+        "-filer",
+        f"-filer.port={settings.weed_filer_port}",
+        "-s3",
+        f"-s3.port={settings.s3_port}",
+        f"-s3.config={_identities(settings)}",
         # Fixed-port extras (Iceberg 8181, Lance 9101) would clash between two instances; phoning home is off.
-        "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-master.telemetry=false",
     ]
     pid = _spawn(settings, "seaweedfs", cmd, dict(os.environ))
     log.info("started SeaweedFS (pid %d), waiting for %s", pid, settings.s3_endpoint)
@@ -202,7 +211,7 @@ def start_mlflow(settings: Settings, timeout: float = 180) -> None:
             "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
         }
     )
-    pid = _spawn(settings, "mlflow", ["bash", str(PROJECT_ROOT / "mlflow" / "server.sh")], env)
+    pid = _spawn(settings, "mlflow", ["bash", str(settings.mlflow_server_script)], env)
     log.info("started MLflow (pid %d), waiting for %s (this takes ~30-40 s)", pid, settings.mlflow_uri)
     _wait(lambda: mlflow_is_up(settings), "MLflow tracking server", timeout, settings.state_dir / "mlflow.log", pid)
 
@@ -269,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
         return 0 if all(service["up"] for service in report.values()) else 1
     else:
-        print("usage: python -m zhllama.services up|down|status", file=sys.stderr)
+        print("usage: python -m zhllama.core.services up|down|status", file=sys.stderr)
         return 2
     return 0
 

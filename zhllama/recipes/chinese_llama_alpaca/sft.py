@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
-from zhllama import modeling
-from zhllama.config import SftConfig
-from zhllama.io import InputError, atomic_dir, write_json
-from zhllama.pretrain import ADAPTER_DIR, TOKENIZER_DIR, apply_lora
-from zhllama.prompts import build_prompt
-from zhllama.training import IGNORE_INDEX, Dist, init_distributed, pad_rows, train
-from zhllama.vocab import add_pad_token
+from zhllama.core.io import InputError, atomic_dir, write_json
+from zhllama.core.training.loop import Dist, init_distributed, train
+from zhllama.core.training.loss import IGNORE_INDEX, pad_rows
+from zhllama.recipes.chinese_llama_alpaca import modeling
+from zhllama.recipes.chinese_llama_alpaca.configs import SftConfig
+from zhllama.recipes.chinese_llama_alpaca.pretrain import ADAPTER_DIR, TOKENIZER_DIR, apply_lora
+from zhllama.recipes.chinese_llama_alpaca.prompts import build_prompt
+from zhllama.recipes.chinese_llama_alpaca.vocab import add_pad_token
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +145,34 @@ def run_sft(
     model, tokenizer, resize_info = prepare_model(model_dir, cfg)
     train_source = build_source(train_file, tokenizer, cfg.max_seq_length)
     eval_source = build_source(valid_file, tokenizer, cfg.max_seq_length, cfg.max_eval_examples) if valid_file else None
-    log.info("SFT: %d train examples, %d eval examples, pad id %d", len(train_source), len(eval_source) if eval_source else 0, tokenizer.pad_token_id)
+    log.info(
+        "SFT: %d train examples, %d eval examples, pad id %d",
+        len(train_source),
+        len(eval_source) if eval_source else 0,
+        tokenizer.pad_token_id,
+    )
     model = apply_lora(model, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = train(
-        model, train_source, eval_source, cfg, out_dir, resume=resume, group_by_length=cfg.group_by_length,
-        world=world, stop_after_steps=stop_after_steps, on_log=on_log,
+        model,
+        train_source,
+        eval_source,
+        cfg,
+        out_dir,
+        resume=resume,
+        group_by_length=cfg.group_by_length,
+        world=world,
+        stop_after_steps=stop_after_steps,
+        on_log=on_log,
     )
-    metrics = {**result.metrics, "config": dataclasses.asdict(cfg), "resize": resize_info, "pad_token_id": tokenizer.pad_token_id,
-               "train_examples": len(train_source), "base_model": str(model_dir)}
+    metrics = {
+        **result.metrics,
+        "config": dataclasses.asdict(cfg),
+        "resize": resize_info,
+        "pad_token_id": tokenizer.pad_token_id,
+        "train_examples": len(train_source),
+        "base_model": str(model_dir),
+    }
     if world.is_main and result.steps >= result.metrics["total_steps"]:
         with atomic_dir(out_dir / ADAPTER_DIR) as tmp:
             model.save_pretrained(str(tmp))

@@ -11,19 +11,26 @@ from typing import Any
 
 import torch
 
-from zhllama.config import BaseModelConfig
-from zhllama.io import InputError, atomic_dir, write_json
+from zhllama.core.io import InputError, atomic_dir, write_json
+from zhllama.recipes.chinese_llama_alpaca.configs import BaseModelConfig
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
-def create_base_model(out_dir: str | os.PathLike[str], tokenizer_model: str | os.PathLike[str], cfg: BaseModelConfig) -> dict[str, Any]:
+def create_base_model(
+    out_dir: str | os.PathLike[str], tokenizer_model: str | os.PathLike[str], cfg: BaseModelConfig
+) -> dict[str, Any]:
     """Write a random-init ``LlamaForCausalLM`` (safetensors) with the base tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from zhllama.vocab import load_sp_proto, write_hf_tokenizer
+    from zhllama.recipes.chinese_llama_alpaca.vocab import load_sp_proto, write_hf_tokenizer
 
     proto = load_sp_proto(tokenizer_model, "base tokenizer")
     spec = proto.trainer_spec
@@ -46,7 +53,10 @@ def create_base_model(out_dir: str | os.PathLike[str], tokenizer_model: str | os
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         write_hf_tokenizer(tokenizer_model, tmp)
-        write_json(tmp / "zhllama_base.json", {"config": dataclasses.asdict(cfg), "parameters": n_params, "tokenizer": str(tokenizer_model)})
+        write_json(
+            tmp / "zhllama_base.json",
+            {"config": dataclasses.asdict(cfg), "parameters": n_params, "tokenizer": str(tokenizer_model)},
+        )
     log.info("base model: %.1fM parameters, vocab %d -> %s", n_params / 1e6, config.vocab_size, out_dir)
     return {"parameters": n_params, "vocab_size": config.vocab_size}
 
@@ -130,7 +140,9 @@ def resize_embeddings(model, tokenizer, base_tokenizer=None, init: str = "mean_o
     from_pieces = 0
     if init == "mean":  # what transformers' mean_resizing amounts to (its sampling noise is scaled by 1e-9)
         with torch.no_grad():
-            for matrix in {id(m): m for m in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}.values():
+            for matrix in {
+                id(m): m for m in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+            }.values():
                 matrix[old:] = matrix[:old].mean(0)
     if init == "mean_of_pieces":
         inp = model.get_input_embeddings().weight.data
@@ -139,7 +151,9 @@ def resize_embeddings(model, tokenizer, base_tokenizer=None, init: str = "mean_o
         with torch.no_grad():
             for token_id in range(old, new):
                 piece = tokenizer.convert_ids_to_tokens(token_id)
-                ids = [i for i in _base_piece_ids(base_tokenizer, piece) if i < old] if base_tokenizer is not None else []
+                ids = (
+                    [i for i in _base_piece_ids(base_tokenizer, piece) if i < old] if base_tokenizer is not None else []
+                )
                 if ids:
                     inp[token_id] = inp[ids].mean(0)
                     out[token_id] = out[ids].mean(0)
@@ -152,7 +166,9 @@ def resize_embeddings(model, tokenizer, base_tokenizer=None, init: str = "mean_o
     return {"old": old, "new": new, "initialised_from_pieces": from_pieces}
 
 
-def save_model(model, tokenizer, out_dir: str | os.PathLike[str], extra: dict[str, Any] | None = None, max_shard_size: str = "2GB") -> None:
+def save_model(
+    model, tokenizer, out_dir: str | os.PathLike[str], extra: dict[str, Any] | None = None, max_shard_size: str = "2GB"
+) -> None:
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(str(tmp))
@@ -179,10 +195,15 @@ def fetch_model(uri: str, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
         if uri.startswith("s3://"):
             import boto3
 
-            bucket, _, prefix = uri[len("s3://"):].partition("/")
+            bucket, _, prefix = uri[len("s3://") :].partition("/")
             client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-            keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
-                    for o in page.get("Contents", [])]
+            keys = [
+                o["Key"]
+                for page in client.get_paginator("list_objects_v2").paginate(
+                    Bucket=bucket, Prefix=prefix.rstrip("/") + "/"
+                )
+                for o in page.get("Contents", [])
+            ]
             if not keys:
                 raise InputError(f"{uri}: no objects under this prefix")
             for key in keys:
@@ -190,7 +211,9 @@ def fetch_model(uri: str, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 client.download_file(bucket, key, str(target))
         elif "://" in uri:
-            raise InputError(f"{uri}: base model URI must be a directory path or s3://bucket/prefix (nothing is fetched from model hubs)")
+            raise InputError(
+                f"{uri}: base model URI must be a directory path or s3://bucket/prefix (nothing is fetched from model hubs)"
+            )
         else:
             shutil.copytree(check_model_dir(uri), tmp, dirs_exist_ok=True)
         check_model_dir(tmp)

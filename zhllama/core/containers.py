@@ -34,7 +34,7 @@ import urllib.request
 from pathlib import Path
 
 from zhllama import __version__
-from zhllama.settings import PROJECT_ROOT, Settings, get_settings
+from zhllama.core.settings import PROJECT_ROOT, Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,16 @@ LOCAL_BASE = "zhllama-base:bookworm-py3.11"
 UPSTREAM_BASE = "python:3.11-slim"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 # What goes into the image (images/Dockerfile.cpu COPYs exactly these); their hash is the code tag.
-IMAGE_INPUTS = ("requirements.lock", "pyproject.toml", "data.dvc", ".dvc/config", "zhllama", "components", "pipelines", "configs")
+IMAGE_INPUTS = (
+    "requirements.lock",
+    "pyproject.toml",
+    "data.dvc",
+    ".dvc/config",
+    "zhllama",
+    "components",
+    "pipelines",
+    "configs",
+)
 STEP_UID = 1000  # the image's USER; its HOME and caches are group-0 writable for any uid a cluster assigns
 
 
@@ -70,7 +79,9 @@ def docker_cli() -> str:
     candidates = [p for p in dict.fromkeys([shutil.which("docker"), "/usr/bin/docker"]) if p and os.access(p, os.X_OK)]
     for cli in candidates:
         try:
-            version = subprocess.run([cli, "version", "--format", "{{.Client.Version}}"], capture_output=True, text=True, timeout=20).stdout
+            version = subprocess.run(
+                [cli, "version", "--format", "{{.Client.Version}}"], capture_output=True, text=True, timeout=20
+            ).stdout
             major = int(version.strip().split(".")[0] or 0)
         except (OSError, ValueError, subprocess.TimeoutExpired):
             continue
@@ -89,8 +100,13 @@ def _answers(host: str) -> bool:
     except ContainerError:
         return False
     try:
-        done = subprocess.run([cli, "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True, timeout=20,
-                              env={**os.environ, "DOCKER_HOST": host})
+        done = subprocess.run(
+            [cli, "info", "--format", "{{.ServerVersion}}"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env={**os.environ, "DOCKER_HOST": host},
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return done.returncode == 0 and bool(done.stdout.strip())
@@ -101,7 +117,7 @@ def docker_host(settings: Settings | None = None) -> str | None:
     project's own engine when it runs; None when there is none."""
     candidates = [os.environ.get("DOCKER_HOST"), f"unix://{DEFAULT_SOCKET}", f"unix://{own_socket(settings)}"]
     for host in dict.fromkeys(c for c in candidates if c):
-        if host.startswith("unix://") and not Path(host[len("unix://"):]).exists():
+        if host.startswith("unix://") and not Path(host[len("unix://") :]).exists():
             continue
         if _answers(host):
             return host
@@ -124,17 +140,33 @@ def start_engine(settings: Settings | None = None, timeout: float = 60) -> str:
         return host
     dockerd = shutil.which("dockerd") or ("/usr/sbin/dockerd" if os.access("/usr/sbin/dockerd", os.X_OK) else None)
     if dockerd is None:
-        raise ContainerError("no container engine answers and dockerd is not installed: run `make setup-containers` "
-                             "(Debian's docker.io; needs root) or point DOCKER_HOST at a Docker engine")
+        raise ContainerError(
+            "no container engine answers and dockerd is not installed: run `make setup-containers` "
+            "(Debian's docker.io; needs root) or point DOCKER_HOST at a Docker engine"
+        )
     root = engine_dir(settings)
     root.mkdir(parents=True, exist_ok=True)
     sock = own_socket(settings)
     sock.unlink(missing_ok=True)
-    cmd = [dockerd, "--host", f"unix://{sock}", "--data-root", str(root / "data"), "--exec-root", str(root / "x"),
-           "--pidfile", str(root / "dockerd.pid"), "--iptables=false", "--ip6tables=false", "--bridge=none"]
+    cmd = [
+        dockerd,
+        "--host",
+        f"unix://{sock}",
+        "--data-root",
+        str(root / "data"),
+        "--exec-root",
+        str(root / "x"),
+        "--pidfile",
+        str(root / "dockerd.pid"),
+        "--iptables=false",
+        "--ip6tables=false",
+        "--bridge=none",
+    ]
     log_path = root / "dockerd.log"
     with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     host = f"unix://{sock}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -145,7 +177,9 @@ def start_engine(settings: Settings | None = None, timeout: float = 60) -> str:
             return host
         time.sleep(0.5)
     tail = log_path.read_text(errors="replace")[-1500:]
-    raise ContainerError(f"dockerd {'exited' if proc.poll() is not None else 'did not answer'}; last lines of {log_path}:\n{tail}")
+    raise ContainerError(
+        f"dockerd {'exited' if proc.poll() is not None else 'did not answer'}; last lines of {log_path}:\n{tail}"
+    )
 
 
 def stop_engine(settings: Settings | None = None, timeout: float = 20) -> bool:
@@ -171,7 +205,9 @@ def stop_engine(settings: Settings | None = None, timeout: float = 20) -> bool:
 def engine_env(settings: Settings | None = None) -> dict[str, str]:
     host = docker_host(settings)
     if host is None:
-        raise ContainerError("no container engine answers: `make engine` starts the project's own (after `make setup-containers`)")
+        raise ContainerError(
+            "no container engine answers: `make engine` starts the project's own (after `make setup-containers`)"
+        )
     return {**os.environ, "DOCKER_HOST": host, "DOCKER_BUILDKIT": "1"}
 
 
@@ -184,7 +220,11 @@ def code_version(root: Path = PROJECT_ROOT, kind: str = "cpu") -> str:
     files = [root / "images" / f"Dockerfile.{kind}"]
     for name in IMAGE_INPUTS:
         path = root / name
-        files += sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) if path.is_dir() else [path]
+        files += (
+            sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+            if path.is_dir()
+            else [path]
+        )
     for path in files:
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:12]
@@ -204,7 +244,12 @@ def ca_bundle() -> str | None:
     for var in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
         if os.environ.get(var) and Path(os.environ[var]).is_file():
             return os.environ[var]
-    for conf in ("/etc/pip.conf", "/etc/xdg/pip/pip.conf", str(Path.home() / ".config/pip/pip.conf"), str(Path.home() / ".pip/pip.conf")):
+    for conf in (
+        "/etc/pip.conf",
+        "/etc/xdg/pip/pip.conf",
+        str(Path.home() / ".config/pip/pip.conf"),
+        str(Path.home() / ".pip/pip.conf"),
+    ):
         parser = configparser.ConfigParser()
         try:
             parser.read(conf)
@@ -236,7 +281,12 @@ def base_image(cli: str, env: dict[str, str]) -> str:
     pulled = subprocess.run([cli, "pull", "-q", UPSTREAM_BASE], capture_output=True, text=True, env=env, timeout=600)
     if pulled.returncode == 0:
         return UPSTREAM_BASE
-    log.info("cannot pull %s (%s): using the local Debian base %s", UPSTREAM_BASE, pulled.stderr.strip().splitlines()[-1:] or "", LOCAL_BASE)
+    log.info(
+        "cannot pull %s (%s): using the local Debian base %s",
+        UPSTREAM_BASE,
+        pulled.stderr.strip().splitlines()[-1:] or "",
+        LOCAL_BASE,
+    )
     if not _image_exists(cli, env, LOCAL_BASE):
         build_local_base(cli, env)
     return LOCAL_BASE
@@ -246,16 +296,32 @@ def build_local_base(cli: str, env: dict[str, str]) -> None:
     """Debian bookworm minbase with python3 (3.11), venv and CA certificates, from Debian's packages."""
     mmdebstrap = shutil.which("mmdebstrap")
     if mmdebstrap is None:
-        raise ContainerError(f"no registry to pull {UPSTREAM_BASE} from and no mmdebstrap to build a local base: "
-                             "run `make setup-containers` (or set ZHLLAMA_BASE_IMAGE to an image the engine has)")
+        raise ContainerError(
+            f"no registry to pull {UPSTREAM_BASE} from and no mmdebstrap to build a local base: "
+            "run `make setup-containers` (or set ZHLLAMA_BASE_IMAGE to an image the engine has)"
+        )
     work = engine_dir() / "base"
     work.mkdir(parents=True, exist_ok=True)
     tar = work / "rootfs.tar"
     started = time.perf_counter()
     log.info("building the local base image %s with mmdebstrap (about a minute)", LOCAL_BASE)
-    subprocess.run([mmdebstrap, "--quiet", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm", str(tar)],
-                   check=True)
-    subprocess.run([cli, "import", "--change", "CMD [\"python3\"]", str(tar), LOCAL_BASE], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            mmdebstrap,
+            "--quiet",
+            "--variant=minbase",
+            "--include=python3,python3-venv,ca-certificates",
+            "bookworm",
+            str(tar),
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [cli, "import", "--change", 'CMD ["python3"]', str(tar), LOCAL_BASE],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
     tar.unlink()
     log.info("base image %s built in %.0f s", LOCAL_BASE, time.perf_counter() - started)
 
@@ -290,8 +356,20 @@ def build_image(image: str, kind: str = "cpu", push: bool = False, root: Path = 
     _stage_wheels(root)
     code = code_version(root, kind)
     tags = list(dict.fromkeys([image, local_tag(image, code)]))
-    cmd = [cli, "build", "--network", "host", "-f", str(root / "images" / f"Dockerfile.{kind}"), "--build-arg", f"BASE_IMAGE={base}",
-           "--build-arg", f"GIT_COMMIT={_git_commit(root)}", "--build-arg", f"CODE_VERSION={code}"]
+    cmd = [
+        cli,
+        "build",
+        "--network",
+        "host",
+        "-f",
+        str(root / "images" / f"Dockerfile.{kind}"),
+        "--build-arg",
+        f"BASE_IMAGE={base}",
+        "--build-arg",
+        f"GIT_COMMIT={_git_commit(root)}",
+        "--build-arg",
+        f"CODE_VERSION={code}",
+    ]
     if kind == "cpu" and _reachable(TORCH_CPU_INDEX + "/"):
         cmd += ["--build-arg", f"TORCH_INDEX={TORCH_CPU_INDEX}"]
     if cert := ca_bundle():
@@ -303,9 +381,13 @@ def build_image(image: str, kind: str = "cpu", push: bool = False, root: Path = 
     started = time.perf_counter()
     done = subprocess.run(cmd, env={**env, "BUILDKIT_PROGRESS": os.environ.get("BUILDKIT_PROGRESS", "plain")})
     if done.returncode != 0:
-        raise ContainerError(f"building images/Dockerfile.{kind} failed (exit {done.returncode}); the build log is above")
+        raise ContainerError(
+            f"building images/Dockerfile.{kind} failed (exit {done.returncode}); the build log is above"
+        )
     seconds = time.perf_counter() - started
-    size = subprocess.run([cli, "image", "inspect", "--format", "{{.Size}}", tags[0]], capture_output=True, text=True, env=env).stdout.strip()
+    size = subprocess.run(
+        [cli, "image", "inspect", "--format", "{{.Size}}", tags[0]], capture_output=True, text=True, env=env
+    ).stdout.strip()
     _drop_stale_code_tags(cli, env, tags[-1])
     if push:
         for tag in tags:
@@ -315,9 +397,14 @@ def build_image(image: str, kind: str = "cpu", push: bool = False, root: Path = 
     return result
 
 
-_MANIFESTS = ", ".join([
-    "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json", "application/vnd.docker.distribution.manifest.v2+json"])
+_MANIFESTS = ", ".join(
+    [
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    ]
+)
 
 
 def image_in_registry(image: str, timeout: float = 5) -> tuple[bool | None, str]:
@@ -350,10 +437,14 @@ def image_in_registry(image: str, timeout: float = 5) -> tuple[bool | None, str]
         challenge = headers.get("WWW-Authenticate") or headers.get("Www-Authenticate") or ""
         if status == 401 and challenge.lower().startswith("bearer"):
             fields = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
-            query = urllib.parse.urlencode({"service": fields.get("service", host), "scope": f"repository:{repository}:pull"})
+            query = urllib.parse.urlencode(
+                {"service": fields.get("service", host), "scope": f"repository:{repository}:pull"}
+            )
             token_request = urllib.request.Request(f"{fields['realm']}?{query}")
             if user and password:
-                token_request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+                token_request.add_header(
+                    "Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+                )
             with urllib.request.urlopen(token_request, timeout=timeout) as response:
                 body = json.loads(response.read())
             status, _ = head({"Authorization": f"Bearer {body.get('token') or body.get('access_token')}"})
@@ -374,8 +465,14 @@ def _drop_stale_code_tags(cli: str, env: dict[str, str], current: str) -> None:
     import re
 
     repository = current.rsplit(":", 1)[0]
-    listed = subprocess.run([cli, "image", "ls", repository, "--format", "{{.Tag}}"], capture_output=True, text=True, env=env).stdout.split()
-    stale = [f"{repository}:{t}" for t in listed if re.fullmatch(rf"{re.escape(__version__)}-[0-9a-f]{{12}}", t) and f"{repository}:{t}" != current]
+    listed = subprocess.run(
+        [cli, "image", "ls", repository, "--format", "{{.Tag}}"], capture_output=True, text=True, env=env
+    ).stdout.split()
+    stale = [
+        f"{repository}:{t}"
+        for t in listed
+        if re.fullmatch(rf"{re.escape(__version__)}-[0-9a-f]{{12}}", t) and f"{repository}:{t}" != current
+    ]
     if stale:
         subprocess.run([cli, "image", "rm", *stale], capture_output=True, env=env)
         subprocess.run([cli, "image", "prune", "-f"], capture_output=True, env=env)
@@ -384,7 +481,12 @@ def _drop_stale_code_tags(cli: str, env: dict[str, str], current: str) -> None:
 
 def _git_commit(root: Path) -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
 
@@ -410,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         elif action == "code-version":
             print(code_version())
         else:
-            print("usage: python -m zhllama.containers up|down|status|env|code-version", file=sys.stderr)
+            print("usage: python -m zhllama.core.containers up|down|status|env|code-version", file=sys.stderr)
             return 2
     except ContainerError as err:
         print(f"error: {err}", file=sys.stderr)

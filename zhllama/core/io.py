@@ -34,7 +34,13 @@ class OutputError(OSError):
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
 # safetensors (Rust) and torch.save report the OS error only in their message
-_WRITE_ERROR_TEXTS = ("No space left on device", "Disk quota exceeded", "File too large", "Permission denied", "Read-only file system")
+_WRITE_ERROR_TEXTS = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "File too large",
+    "Permission denied",
+    "Read-only file system",
+)
 
 
 def write_failure(err: BaseException) -> str | None:
@@ -49,7 +55,9 @@ def _output_error(target: Path, err: BaseException) -> OutputError | None:
     reason = write_failure(err)
     if reason is None or isinstance(err, OutputError):
         return None
-    return OutputError(f"{target}: cannot write the output ({reason}); nothing was left there: free space or fix permissions, then re-run")
+    return OutputError(
+        f"{target}: cannot write the output ({reason}); nothing was left there: free space or fix permissions, then re-run"
+    )
 
 
 def _make_readable(root: Path) -> None:

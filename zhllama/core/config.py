@@ -1,0 +1,223 @@
+"""Config helpers every recipe uses: documented dataclass fields, CLI options derived from them,
+presets read by section, and the training and registry settings the platform core itself reads.
+
+A knob is declared once, as a dataclass field; the CLI, the presets and the pipeline parameters
+are derived from the fields. An unknown key is an error, never ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from zhllama.core.io import InputError
+
+T = TypeVar("T")
+
+
+def doc(help_text: str, **kwargs: Any) -> Any:
+    """A dataclass field whose help text feeds the CLI and the docs."""
+    return dataclasses.field(metadata={"help": help_text}, **kwargs)
+
+
+def positive(cfg: object, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None or value <= 0:
+            raise ValueError(f"{type(cfg).__name__}.{name} must be > 0, got {value!r}")
+
+
+def base_type(tp: Any) -> Any:
+    """int | None -> int; leaves plain types alone."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def parse_bool(text: str | bool) -> bool:
+    """The one reading of a true/false word (CLI flags, ``--param`` values)."""
+    if isinstance(text, bool):
+        return text
+    lowered = text.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one ``--field`` option per dataclass field (default None: 'not given')."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"{cls.__name__} ({cls.__module__})")
+    for field in dataclasses.fields(cls):
+        tp = base_type(hints[field.name])
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+        if tp is bool:
+            conv: Any = parse_bool
+        elif typing.get_origin(tp) is list:
+            conv = parse_list
+        elif tp in (int, float, str):
+            conv = tp
+        else:
+            conv = str
+        group.add_argument(
+            f"--{field.name}",
+            type=conv,
+            default=None,
+            metavar=tp.__name__.upper() if isinstance(tp, type) else "LIST",
+            help=f"{field.metadata.get('help', '')} (default: {default!r})",
+        )
+
+
+def read_preset(path: str | Path, sections: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """A preset YAML as ``{section: settings}``; a section not in ``sections`` is an error."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise InputError(f"{path}: preset not found") from None
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a preset must be a mapping of stage name -> settings")
+    known = sorted(sections)
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise InputError(f"{path}: unknown section(s) {unknown}; known: {known}")
+    for name, section in data.items():
+        if section is not None and not isinstance(section, dict):
+            raise InputError(f"{path}: section {name!r} must be a mapping")
+    return {name: dict(section or {}) for name, section in data.items()}
+
+
+def build_config(cls: type[T], section: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> T:
+    """Defaults, then a preset's section for this config, then explicit overrides (None: not given)."""
+    values: dict[str, Any] = dict(section or {})
+    values.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def config_fields(cls: type) -> list[tuple[str, Any, Any]]:
+    """(name, type, default) per dataclass field, ``int | None`` read as ``int``, ``list[str]`` as ``list``."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for field in dataclasses.fields(cls):
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+        tp = base_type(hints[field.name])
+        fields.append((field.name, list if typing.get_origin(tp) is list else tp, default))
+    return fields
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    """Optimisation settings the training loop reads (zhllama/core/training/loop.py)."""
+
+    learning_rate: float = doc("Peak learning rate (recipe: 2e-4 PT, 1e-4 SFT).", default=2e-4)
+    weight_decay: float = doc("AdamW weight decay.", default=0.01)
+    warmup_ratio: float = doc("Share of steps with linear warm-up before the cosine decay.", default=0.05)
+    max_grad_norm: float = doc("Gradient clipping norm; 0 = off.", default=1.0)
+    per_device_train_batch_size: int = doc("Sequences per device per micro-batch.", default=4)
+    per_device_eval_batch_size: int = doc("Sequences per device per eval batch.", default=8)
+    gradient_accumulation_steps: int = doc("Micro-batches per optimizer step.", default=1)
+    max_steps: int = doc("Optimizer steps; 0 = run num_train_epochs.", default=100)
+    num_train_epochs: float = doc("Epochs, when max_steps is 0.", default=1.0)
+    seed: int = doc("Seed for init, data order and dropout.", default=42)
+    logging_steps: int = doc("Log the loss every N steps.", default=10)
+    eval_steps: int = doc("Evaluate every N steps (and at the end); 0 = only at the end.", default=50)
+    save_steps: int = doc("Checkpoint every N steps; 0 = never.", default=50)
+    save_total_limit: int = doc("Checkpoints kept (oldest deleted).", default=2)
+    precision: str = doc(
+        "fp32; bf16 autocast (GPU, preferred there: no fp16 overflow NaN; also CPUs with AVX512-BF16/AMX, faster "
+        "matmuls, see benchmarks/RESULTS.md); or fp16 (GPU only, loss scaling).",
+        default="fp32",
+    )
+    gradient_checkpointing: bool = doc(
+        "Recompute activations to save memory (GPU, long blocks); slower, off on CPU.", default=False
+    )
+    num_threads: int = doc("CPU threads for torch; 0 = all cores.", default=0)
+
+    def __post_init__(self) -> None:
+        positive(
+            self,
+            "learning_rate",
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+        )
+        for name in (
+            "weight_decay",
+            "max_grad_norm",
+            "max_steps",
+            "eval_steps",
+            "save_steps",
+            "num_threads",
+            "save_total_limit",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{type(self).__name__}.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps == 0 and self.num_train_epochs <= 0:
+            raise ValueError(f"{type(self).__name__}: set max_steps > 0 or num_train_epochs > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"{type(self).__name__}.warmup_ratio must be in [0, 1)")
+        if self.precision not in {"fp32", "bf16", "fp16"}:
+            raise ValueError(f"{type(self).__name__}.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+
+
+def parse_promotion_metric(spec: str) -> tuple[str, str]:
+    """``name:max`` or ``name:min`` -> (name, direction)."""
+    name, _, direction = spec.partition(":")
+    direction = direction or "max"
+    if not name or direction not in {"max", "min"}:
+        raise ValueError(f"promotion metric {spec!r}: expected NAME:max or NAME:min")
+    return name, direction
+
+
+@dataclasses.dataclass
+class RegisterConfig:
+    """Registration in the MLflow model registry and the promotion gate."""
+
+    model_name: str = doc("Registered model name.", default="zhllama-chinese-alpaca")
+    promotion_metrics: list[str] = doc(
+        "Evaluation metrics the challenger must not lose on, NAME:min or NAME:max; it must win on at least one.",
+        # The task's own held-out loss first: bits/char on general text falls as SFT specialises the
+        # model, and accuracy near chance is noise (measured: a 5-step SFT "won" on both).
+        default_factory=lambda: ["sft_test_loss:min", "task_accuracy_loglik:max"],
+    )
+    min_improvement: float = doc("Smallest gain that counts as a win on a metric (absolute).", default=0.0)
+    max_regression: float = doc(
+        "Largest loss on a metric that still passes the gate (absolute: nats, or accuracy share).", default=0.01
+    )
+    lock_timeout: float = doc(
+        "Seconds to wait for another registration's promotion lock (and its age after which it is stale).",
+        default=120.0,
+    )
+
+    def __post_init__(self) -> None:
+        if not self.model_name.strip():
+            raise ValueError("RegisterConfig.model_name must not be empty")
+        if not self.promotion_metrics:
+            raise ValueError("RegisterConfig.promotion_metrics must name at least one metric")
+        for spec in self.promotion_metrics:
+            parse_promotion_metric(spec)
+        if self.min_improvement < 0 or self.max_regression < 0:
+            raise ValueError("RegisterConfig.min_improvement and max_regression must be >= 0")
+        positive(self, "lock_timeout")

@@ -1,0 +1,1 @@
+"""The training loop any recipe can use: an objective returns (loss_sum, count)."""

@@ -1,0 +1,178 @@
+"""The causal-LM objective: the sum of next-token cross-entropy over target tokens, and their count.
+
+The training loop (loop.py) takes any objective that returns ``(loss_sum, count)``; this is the
+one for language models, with the chunked output-layer loss the benchmarks justify (see
+benchmarks/RESULTS.md): for LLaMA-family models the output layer runs only on target positions
+and in row chunks, so the [batch, seq, vocab] logits never exist whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def pad_rows(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad (input_ids, labels) rows: ids with ``pad_id``, labels with -100, mask 0 over padding."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.int64)
+    mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    for row, (ids, lab) in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum over rows of cross-entropy(hidden @ weight.T, target), in row chunks, with both
+    gradients computed chunk by chunk in the forward pass: the [rows, vocab] logits (and their
+    softmax and gradient) never exist whole. Same matmuls as the plain path; the softmax runs in
+    place in one reused fp32 buffer (one exp pass, no fresh vocabulary-sized allocation per
+    chunk). Under CPU bf16 autocast the three matmuls run in bf16 on operands cast once; the
+    softmax, the loss and the gradient accumulation stay fp32 (no fp16 logits overflow)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int, grads: bool
+    ) -> torch.Tensor:
+        need_h = grads and ctx.needs_input_grad[0]  # forward runs with grad mode off: ``grads`` says how it was called
+        need_w = grads and ctx.needs_input_grad[1]
+        device = hidden.device
+        autocast_on = device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        compute = torch.get_autocast_dtype("cpu") if autocast_on else weight.dtype
+        rows, vocab = min(chunk, hidden.shape[0]), weight.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_w else None
+        with torch.autocast(device.type, enabled=False):
+            h_all, w = hidden.to(compute), weight.to(compute)  # cast once, not per chunk and per use
+            logits_buf = torch.empty((rows, vocab), dtype=torch.float32, device=device)
+            low_buf = torch.empty((rows, vocab), dtype=compute, device=device) if compute != torch.float32 else None
+            for start in range(0, hidden.shape[0], chunk):
+                h, y = h_all[start : start + chunk], target[start : start + chunk]
+                m = h.shape[0]
+                logits = logits_buf[:m]
+                if low_buf is None:
+                    torch.mm(h, w.t(), out=logits)
+                else:
+                    logits.copy_(torch.mm(h, w.t(), out=low_buf[:m]))
+                picked = logits.gather(1, y[:, None]).squeeze(1)
+                top = logits.amax(dim=1, keepdim=True)
+                probs = logits.sub_(top).exp_()  # exp(logit - max), in place
+                sums = probs.sum(dim=1, keepdim=True)
+                total += (top.squeeze(1) + sums.squeeze(1).log() - picked).sum()
+                if need_h or need_w:
+                    probs.div_(sums)  # softmax
+                    probs[torch.arange(m, device=device), y] -= 1.0  # d loss / d logits
+                    g = probs if low_buf is None else low_buf[:m].copy_(probs)
+                    if need_h:
+                        grad_h[start : start + m] = g @ w
+                    if need_w:
+                        if low_buf is None:
+                            grad_w.addmm_(g.t(), h)
+                        else:
+                            grad_w += g.t() @ h
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            grad_h * grad_out if grad_h is not None else None,
+            grad_w * grad_out if grad_w is not None else None,
+            None,
+            None,
+            None,
+        )
+
+
+def _plain_output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The output projection when the loss may bypass the model's own logits: a bias-free
+    linear head over a ``get_decoder()`` (LLaMA-family). Else None (the generic path)."""
+    if not hasattr(model, "get_decoder") or not hasattr(model, "get_output_embeddings"):
+        return None
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if (
+        weight is None
+        or getattr(head, "bias", None) is not None
+        or getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    ):
+        return None
+    return head
+
+
+class CausalLMLoss(torch.nn.Module):
+    """Sum of next-token cross-entropy over target tokens, and their count.
+
+    For LLaMA-family models the output layer runs only on target positions (SFT: the
+    response, not the masked prompt) and in row chunks (``_LinearCrossEntropy``), so neither
+    the compute nor the memory of the [batch, seq, vocab] logits is spent. Other models take
+    the generic path through their logits. A module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: torch.nn.Module, chunk_rows: int = 1024) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_rows = chunk_rows
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = labels[:, 1:]
+        select = targets != IGNORE_INDEX
+        count = select.sum()
+        head = _plain_output_head(self.model)
+        if head is None:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+            shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # no copy of the logits
+            loss = torch.nn.functional.cross_entropy(
+                logits.view(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            return loss, count
+        hidden = self.model.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        rows = hidden[:, :-1][select]
+        return _LinearCrossEntropy.apply(
+            rows, head.weight, targets[select], self.chunk_rows, torch.is_grad_enabled()
+        ), count
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over target tokens, and their count."""
+    loss_module = (
+        model if isinstance(model, (CausalLMLoss, torch.nn.parallel.DistributedDataParallel)) else CausalLMLoss(model)
+    )
+    loss, count = loss_module(
+        input_ids=batch["input_ids"], labels=batch["labels"], attention_mask=batch.get("attention_mask")
+    )
+    return loss, int(count)
+
+
+class CausalLMObjective:
+    """What the loop needs of an objective: the module it trains (DDP wraps it), the loss sum
+    and count of a batch, the count before the forward pass (to scale accumulated gradients),
+    and the real and padded sizes of a batch (for throughput and the padding share)."""
+
+    def __init__(self, chunk_rows: int = 1024) -> None:
+        self.chunk_rows = chunk_rows
+
+    def module(self, model: torch.nn.Module) -> torch.nn.Module:
+        return CausalLMLoss(model, self.chunk_rows)
+
+    def loss_sum(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return token_loss_sum(module, batch)
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def sizes(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+        real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        return real, batch["input_ids"].numel()

@@ -1,0 +1,1 @@
+"""Recipes on the platform core: each a table of stages, their configs and library functions."""

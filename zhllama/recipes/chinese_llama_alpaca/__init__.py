@@ -1,0 +1,1 @@
+"""The Chinese-LLaMA-Alpaca recipe: vocabulary extension, LoRA pretraining, SFT, merges, evaluation."""

@@ -1,0 +1,286 @@
+"""What each of the recipe's components calls: artifact folders in, the tracked stage (runs.py),
+artifacts and a KFP Metrics file out.
+
+A component (components/, written by ``make components`` from the stage table) builds the
+stage's config dataclass from its parameters, field by field, and makes one call here. An
+artifact argument is anything with a ``path`` (a KFP artifact, or a test's stand-in); this
+module never imports kfp.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from zhllama.core import launch
+from zhllama.core.io import InputError, read_json
+from zhllama.recipes.chinese_llama_alpaca import runs
+from zhllama.recipes.chinese_llama_alpaca.configs import (
+    BaseModelConfig,
+    EvalConfig,
+    MergeConfig,
+    PretrainConfig,
+    RegisterConfig,
+    SftConfig,
+    VocabConfig,
+)
+from zhllama.recipes.chinese_llama_alpaca.corpus import CORPUS_FILES, SFT_FILES
+
+log = logging.getLogger(__name__)
+
+# Where each stage's files live inside the dataset artifact the data step writes.
+CORPUS_TRAIN, CORPUS_VALID, CORPUS_TEST = CORPUS_FILES
+SFT_TRAIN, SFT_VALID, SFT_TEST = SFT_FILES
+
+
+def check_prerequisites(parameters: dict[str, Any]) -> dict[str, Any]:
+    """Seconds, before any training: every stage's config builds (values in range), the tracking
+    server answers, and the promotion metrics are ones evaluation produces."""
+    from zhllama.core import tracking
+    from zhllama.core.config import parse_promotion_metric
+    from zhllama.recipes.chinese_llama_alpaca.stages import RECIPE, promotion_metrics
+
+    checked = RECIPE.check_parameters(parameters)
+    if parameters.get("pt_stage1_max_steps", 1) < 0:
+        raise InputError("pipeline parameter pt_stage1_max_steps must be >= 0")
+    known = promotion_metrics()
+    for spec in parameters.get("register_promotion_metrics") or []:
+        name, _ = parse_promotion_metric(spec)
+        if name not in known:
+            raise InputError(
+                f"pipeline parameter register_promotion_metrics: {name!r} is not an evaluation metric "
+                f"({', '.join(sorted(known))})"
+            )
+    uri = parameters.get("mlflow_tracking_uri") or tracking.tracking_uri()
+    tracking.check_server(uri)
+    return {"configs_checked": len(checked), "tracking_uri": uri}
+
+
+def prerequisites(parameters: dict[str, Any]) -> str:
+    launch.step_setup(parameters.get("mlflow_tracking_uri", ""))
+    return check_prerequisites(parameters)["tracking_uri"]
+
+
+def data(
+    dataset: Any,
+    metrics: Any,
+    data_revision: str,
+    data_repo: str,
+    data_md5: str,
+    mlflow_tracking_uri: str = "",
+    mlflow_experiment: str = "",
+) -> str:
+    from zhllama.core.dvc_data import materialize_data
+    from zhllama.recipes.chinese_llama_alpaca.build_data import build_default_data
+    from zhllama.recipes.chinese_llama_alpaca.corpus import validate_data
+
+    launch.step_setup(mlflow_tracking_uri, mlflow_experiment)
+    report = materialize_data(
+        dataset.path, data_revision, data_repo, data_md5, validate=validate_data, build_default=build_default_data
+    )
+    launch.log_kfp_metrics(metrics, report)
+    if hasattr(dataset, "metadata"):
+        dataset.metadata["dvc_md5"] = report["md5"]
+    return report["md5"]
+
+
+def base(
+    model: Any,
+    config: BaseModelConfig,
+    base_model_uri: str = "",
+    mlflow_tracking_uri: str = "",
+    mlflow_experiment: str = "",
+) -> None:
+    """The embedded tiny random base when ``base_model_uri`` is empty, else a copy of that model."""
+    from zhllama.recipes.chinese_llama_alpaca.modeling import fetch_model
+
+    where = launch.step_setup(mlflow_tracking_uri, mlflow_experiment)
+    if base_model_uri:
+        fetch_model(base_model_uri, model.path)
+    else:
+        runs.base(model.path, config, where=where)
+
+
+def vocab(
+    data: Any,
+    base_model: Any,
+    tokenizer: Any,
+    metrics: Any,
+    config: VocabConfig,
+    mlflow_tracking_uri: str = "",
+    mlflow_experiment: str = "",
+) -> None:
+    where = launch.step_setup(mlflow_tracking_uri, mlflow_experiment)
+    base_tokenizer = Path(base_model.path) / "tokenizer.model"
+    if not base_tokenizer.is_file():
+        raise InputError(f"{base_model.path}: the base model has no tokenizer.model (SentencePiece) to extend")
+    result = runs.vocab(
+        [Path(data.path) / CORPUS_TRAIN],
+        [Path(data.path) / CORPUS_VALID],
+        tokenizer.path,
+        config,
+        base_tokenizer,
+        where=where,
+    )
+    launch.log_kfp_metrics(metrics, result)
+
+
+def _tracking_flags(mlflow_experiment: str) -> list[str]:
+    """The step's tracking choice for relaunched ranks: CLI options that go before the
+    subcommand (the run id travels in the environment)."""
+    return ["--experiment", mlflow_experiment] if mlflow_experiment else []
+
+
+def pretrain(
+    base_model: Any,
+    vocab: Any,
+    data: Any,
+    run: Any,
+    metrics: Any,
+    config: PretrainConfig,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    base_model_subdir: str = "",
+    mlflow_tracking_uri: str = "",
+    mlflow_experiment: str = "",
+) -> None:
+    where = launch.step_setup(mlflow_tracking_uri, mlflow_experiment)
+    model_dir = launch.subdir(base_model.path, base_model_subdir)
+    tokenizer, train = Path(vocab.path) / "tokenizer", Path(data.path) / CORPUS_TRAIN
+    if nproc_per_node * nnodes > 1:
+        launch.torchrun(
+            "zhllama.cli",
+            [
+                *_tracking_flags(mlflow_experiment),
+                "pretrain",
+                "--base_model",
+                model_dir,
+                "--tokenizer",
+                str(tokenizer),
+                "--train",
+                str(train),
+                "--out",
+                run.path,
+                *launch.config_flags(config),
+            ],
+            nproc_per_node,
+            nnodes,
+        )
+        result = read_json(Path(run.path) / "metrics.json")
+    else:
+        result = runs.pretrain(model_dir, tokenizer, [train], run.path, config, where=where)
+    launch.log_kfp_metrics(metrics, result)
+
+
+def stage1_model(run_dir: str) -> str:
+    """Stage 1 writes a whole model (trained embeddings) under ``model/``: stage 2's base."""
+    return str(Path(run_dir) / "model")
+
+
+def merge(
+    base_model: Any,
+    adapter_run: Any,
+    merged: Any,
+    config: MergeConfig,
+    stage_name: str = "merge",
+    base_model_subdir: str = "",
+    mlflow_tracking_uri: str = "",
+    mlflow_experiment: str = "",
+) -> None:
+    where = launch.step_setup(mlflow_tracking_uri, mlflow_experiment)
+    runs.merge(
+        launch.subdir(base_model.path, base_model_subdir),
+        [adapter_run.path],
+        merged.path,
+        config,
+        name=stage_name,
+        where=where,
+    )
+
+
+def sft(
+    model: Any,
+    data: Any,
+    run: Any,
+    metrics: Any,
+    config: SftConfig,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    mlflow_tracking_uri: str = "",
+    mlflow_experiment: str = "",
+) -> None:
+    where = launch.step_setup(mlflow_tracking_uri, mlflow_experiment)
+    train, valid = Path(data.path) / SFT_TRAIN, Path(data.path) / SFT_VALID
+    if nproc_per_node * nnodes > 1:
+        launch.torchrun(
+            "zhllama.cli",
+            [
+                *_tracking_flags(mlflow_experiment),
+                "sft",
+                "--model",
+                model.path,
+                "--train",
+                str(train),
+                "--valid",
+                str(valid),
+                "--out",
+                run.path,
+                *launch.config_flags(config),
+            ],
+            nproc_per_node,
+            nnodes,
+        )
+        result = read_json(Path(run.path) / "metrics.json")
+    else:
+        result = runs.sft(model.path, train, valid, run.path, config, where=where)
+    launch.log_kfp_metrics(metrics, result)
+
+
+def evaluate(
+    data: Any,
+    base_model: Any,
+    pt_merged: Any,
+    final: Any,
+    vocab: Any,
+    pt_run: Any,
+    sft_run: Any,
+    evaluation: Any,
+    report: Any,
+    metrics: Any,
+    config: EvalConfig,
+    mlflow_tracking_uri: str = "",
+    mlflow_experiment: str = "",
+) -> None:
+    from zhllama.recipes.chinese_llama_alpaca.evaluate import EvalInputs
+
+    where = launch.step_setup(mlflow_tracking_uri, mlflow_experiment)
+    inputs = EvalInputs(
+        text_file=Path(data.path) / CORPUS_TEST,
+        task_file=Path(data.path) / SFT_TEST,
+        base_model=base_model.path,
+        pt_merged_model=pt_merged.path,
+        final_model=final.path,
+        vocab_dir=vocab.path,
+        pt_run=pt_run.path,
+        sft_run=sft_run.path,
+    )
+    summary = runs.evaluate(inputs, evaluation.path, config, where=where)["summary"]
+    if report is not None:  # the HTML artifact the Kubeflow UI renders
+        shutil.copyfile(Path(evaluation.path) / "report.html", report.path)
+    launch.log_kfp_metrics(metrics, summary)
+
+
+def register(
+    final: Any,
+    evaluation: Any,
+    metrics: Any,
+    config: RegisterConfig,
+    mlflow_tracking_uri: str = "",
+    mlflow_experiment: str = "",
+) -> str:
+    where = launch.step_setup(mlflow_tracking_uri, mlflow_experiment)
+    result = runs.register(final.path, evaluation.path, config, where=where)
+    launch.log_kfp_metrics(metrics, {"version": int(result["version"]), "promoted": int(result["promoted"])})
+    return f"{result['model_name']} version {result['version']}: {result['decision']} ({result['reason']})"

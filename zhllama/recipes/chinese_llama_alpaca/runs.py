@@ -1,0 +1,149 @@
+"""Each stage of the recipe inside its MLflow run: the library function in a nested run of the
+pipeline run, with its params, step metrics, final metrics, artifacts and lineage.
+
+The CLI (zhllama/cli.py) and the launchers the components call (launchers.py) both call these,
+so a stage is tracked the same way from a shell, from ``make chain`` and from a pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from zhllama.core import tracking
+from zhllama.core.tracking import RunTarget, stage_lineage, stage_run
+from zhllama.recipes.chinese_llama_alpaca.configs import (
+    BaseModelConfig,
+    EvalConfig,
+    MergeConfig,
+    PretrainConfig,
+    RegisterConfig,
+    SftConfig,
+    VocabConfig,
+)
+
+PathLike = str | os.PathLike[str]
+
+
+def _log_outputs(run: tracking.StageRun, metrics: dict[str, Any], out: PathLike, files: Sequence[str]) -> None:
+    run.log_metrics(metrics)
+    for name in files:
+        run.log_artifact(Path(out) / name)
+
+
+def base(
+    out: PathLike, cfg: BaseModelConfig, base_tokenizer: PathLike | None = None, where: RunTarget | None = None
+) -> dict[str, Any]:
+    from zhllama.recipes.chinese_llama_alpaca.modeling import create_base_model
+    from zhllama.recipes.chinese_llama_alpaca.vocab import resolve_base_tokenizer
+
+    with stage_run(where, "base", cfg) as run:
+        info = create_base_model(out, resolve_base_tokenizer(base_tokenizer), cfg)
+        run.add_lineage(stage_lineage(base_model=out))
+        run.log_metrics(info)
+    return info
+
+
+def vocab(
+    train: Sequence[PathLike],
+    valid: Sequence[PathLike],
+    out: PathLike,
+    cfg: VocabConfig,
+    base_tokenizer: PathLike | None = None,
+    where: RunTarget | None = None,
+) -> dict[str, Any]:
+    from zhllama.recipes.chinese_llama_alpaca.vocab import run_vocab
+
+    with stage_run(where, "vocab", cfg) as run:
+        metrics = run_vocab(train, valid, out, cfg, base_tokenizer=base_tokenizer)
+        run.add_lineage(stage_lineage(tokenizer=Path(out) / "tokenizer"))
+        _log_outputs(run, metrics, out, ("metrics.json", "chinese_sp.vocab"))
+    return metrics
+
+
+def pretrain(
+    base_model: PathLike,
+    tokenizer: PathLike,
+    train: Sequence[PathLike],
+    out: PathLike,
+    cfg: PretrainConfig,
+    resume: bool = False,
+    where: RunTarget | None = None,
+) -> dict[str, Any]:
+    from zhllama.recipes.chinese_llama_alpaca.pretrain import run_pretrain
+
+    with stage_run(where, f"pretrain_stage{cfg.stage}", cfg, base_model=base_model, tokenizer=tokenizer) as run:
+        metrics = run_pretrain(base_model, tokenizer, train, out, cfg, resume=resume, on_log=run.log_step)
+        _log_outputs(run, metrics, out, ("metrics.json", "train_log.json"))
+    return metrics
+
+
+def merge(
+    base_model: PathLike,
+    adapters: Sequence[PathLike],
+    out: PathLike,
+    cfg: MergeConfig,
+    tokenizer: PathLike | None = None,
+    name: str = "merge",
+    where: RunTarget | None = None,
+) -> dict[str, Any]:
+    from zhllama.recipes.chinese_llama_alpaca.merge import merge_adapters
+
+    with stage_run(where, name, cfg) as run:
+        run.log_params({"adapters": ",".join(map(str, adapters)), "base_model": str(base_model)})
+        info = merge_adapters(base_model, adapters, out, tokenizer, cfg.low_memory, cfg.max_shard_size)
+        _log_outputs(run, info, out, ("zhllama_merge.json",))
+    return info
+
+
+def sft(
+    model: PathLike,
+    train: PathLike,
+    valid: PathLike | None,
+    out: PathLike,
+    cfg: SftConfig,
+    resume: bool = False,
+    where: RunTarget | None = None,
+) -> dict[str, Any]:
+    from zhllama.recipes.chinese_llama_alpaca.sft import run_sft
+
+    with stage_run(where, "sft", cfg, tokenizer=model) as run:
+        metrics = run_sft(model, train, valid, out, cfg, resume=resume, on_log=run.log_step)
+        _log_outputs(run, metrics, out, ("metrics.json", "train_log.json"))
+    return metrics
+
+
+def evaluate(inputs: Any, out: PathLike, cfg: EvalConfig, where: RunTarget | None = None) -> dict[str, Any]:
+    """``inputs`` is an ``evaluate.EvalInputs``. The headline figures and the report also go on
+    the parent run, where a person looks first."""
+    from zhllama.recipes.chinese_llama_alpaca.evaluate import run_evaluate
+
+    with stage_run(where, "evaluate", cfg, base_model=inputs.base_model) as run:
+        result = run_evaluate(inputs, out, cfg)
+        run.log_metrics(result["summary"])
+        run.log_artifact(out, "evaluation")
+        parent = run.tracker.parent()
+        parent.log_metrics(result["summary"])
+        parent.log_artifact(Path(out) / "report.html")
+    return result
+
+
+def register(
+    model: PathLike, eval_dir: PathLike, cfg: RegisterConfig, where: RunTarget | None = None
+) -> dict[str, Any]:
+    """Register and gate; then the pipeline run is complete: its lineage is back-filled and
+    the parent run is marked finished."""
+    from zhllama.core import registry
+
+    where = where or RunTarget()
+    tracker = tracking.PipelineRun(run_id=where.pipeline_run_id, experiment=where.experiment)
+    from zhllama.recipes.chinese_llama_alpaca.modeling import check_model_dir
+    from zhllama.recipes.chinese_llama_alpaca.serving import log_pyfunc_model
+
+    result = registry.register(check_model_dir(model), eval_dir, cfg, log_pyfunc_model, tracker)
+    tracker.finish()
+    result["tracking_uri"] = tracker.uri
+    result["parent_run_url"] = tracker.run_url(tracker.parent_run_id())
+    return result

@@ -1,0 +1,204 @@
+"""The Chinese-LLaMA-Alpaca recipe's one stage table.
+
+Every front end reads it: the CLI (one command per stage, options from the config), the preset
+loader (a section per stage), ``check_prerequisites``, the pipeline parameters (``prefix`` +
+field), the generated components (``make components``: artifacts, parameters, the launcher they
+call) and the promotion-metric check (the metrics evaluation produces). A stage missing here is
+missing everywhere, and tests/unit/test_stages.py fails.
+"""
+
+from __future__ import annotations
+
+from zhllama.core.recipe import Metric, Recipe, Stage
+from zhllama.recipes.chinese_llama_alpaca.configs import (
+    BaseModelConfig,
+    EvalConfig,
+    MergeConfig,
+    PretrainConfig,
+    RegisterConfig,
+    SftConfig,
+    VocabConfig,
+)
+
+SCALE = (
+    ("nproc_per_node", int, 1, "processes (GPUs) per node: torchrun inside the container"),
+    ("nnodes", int, 1, "nodes (a multi-node launch needs MASTER_ADDR/NODE_RANK, e.g. a PyTorchJob)"),
+)
+SUBDIR = (
+    (
+        "base_model_subdir",
+        str,
+        "",
+        "folder inside base_model holding the model (stage 1's model/), empty: the artifact itself",
+    ),
+)
+
+TRAIN_METRICS = (
+    Metric("eval_loss"),
+    Metric("train_loss_last"),
+    Metric("tokens_per_second", "max"),
+    Metric("padding_share"),
+)
+MODEL_ROLES = ("base", "pt_merged", "final")
+EVAL_METRICS = (
+    *(
+        Metric(f"{role}_{key}", "min")
+        for role in MODEL_ROLES
+        for key in ("bits_per_char", "bits_per_byte", "token_perplexity", "tokens_per_char")
+    ),
+    Metric("task_accuracy_loglik", "max"),
+    Metric("task_exact_match", "max"),
+    Metric("sft_test_loss", "min"),
+    Metric("sft_valid_loss", "min"),
+    Metric("pt_valid_loss", "min"),
+    Metric("tokens_per_zh_char_base", "min"),
+    Metric("tokens_per_zh_char_merged", "min"),
+)
+
+STAGES = (
+    Stage(
+        "prerequisites",
+        "Fails in seconds naming the bad parameter (every stage's config builds, MLflow answers, the promotion "
+        "metrics are evaluation's); returns the tracking URI in use.",
+        returns="str",
+    ),
+    Stage(
+        "data",
+        "data/ at data_revision (empty: the image's checkout), checked against data.dvc and validated.",
+        outputs={"dataset": "Dataset", "metrics": "Metrics"},
+        parameters=(("data_revision", str, "", ""), ("data_repo", str, "", ""), ("data_md5", str, "", "")),
+        metrics=(Metric("corpus_train_lines", "max"), Metric("sft_train_examples", "max")),
+        returns="str",
+    ),
+    Stage(
+        "base",
+        "A Hugging Face LLaMA-family model directory with its SentencePiece tokenizer: a copy of base_model_uri, or "
+        "the embedded tiny random LLaMA.",
+        prefix="base_",
+        section="base",
+        config=BaseModelConfig,
+        outputs={"model": "Model"},
+        parameters=(("base_model_uri", str, "", ""),),
+    ),
+    Stage(
+        "vocab",
+        "Chinese SentencePiece (BPE) on the corpus, appended to the base model's tokenizer; ids of the base stay put.",
+        prefix="vocab_",
+        section="vocab",
+        config=VocabConfig,
+        inputs={"data": "Dataset", "base_model": "Model"},
+        outputs={"tokenizer": "Model", "metrics": "Metrics"},
+        metrics=(Metric("merged_vocab_size", "max"), Metric("pieces_added", "max")),
+    ),
+    Stage(
+        "pretrain",
+        "Pretrain on the corpus with the merged tokenizer; the run directory holds adapter/ (stage 2) or model/ "
+        "(stage 1).",
+        prefix="pt_",
+        section="pretrain",
+        config=PretrainConfig,
+        inputs={"base_model": "Model", "vocab": "Model", "data": "Dataset"},
+        outputs={"run": "Model", "metrics": "Metrics"},
+        parameters=(*SCALE, *SUBDIR),
+        dag_set={"stage": 2},
+        metrics=TRAIN_METRICS,
+        gpu_variant=True,
+    ),
+    Stage(
+        "merge",
+        "base + adapter -> a whole Hugging Face model (logits equal the adapter model's); a second merge is refused.",
+        prefix="merge_",
+        section="merge",
+        config=MergeConfig,
+        inputs={"base_model": "Model", "adapter_run": "Model"},
+        outputs={"merged": "Model"},
+        parameters=(("stage_name", str, "merge", "the MLflow run's name: merge_pt or merge_final"), *SUBDIR),
+    ),
+    Stage(
+        "sft",
+        "SFT from the PT-merged model: prompt masked out of the loss, [PAD] added, eval on the validation split.",
+        prefix="sft_",
+        section="sft",
+        config=SftConfig,
+        inputs={"model": "Model", "data": "Dataset"},
+        outputs={"run": "Model", "metrics": "Metrics"},
+        parameters=SCALE,
+        metrics=TRAIN_METRICS,
+        gpu_variant=True,
+    ),
+    Stage(
+        "evaluate",
+        "Scores base, PT-merged and final models on the held-out splits; the report renders in the Kubeflow UI.",
+        prefix="eval_",
+        section="evaluate",
+        config=EvalConfig,
+        inputs={
+            "data": "Dataset",
+            "base_model": "Model",
+            "pt_merged": "Model",
+            "final": "Model",
+            "vocab": "Model",
+            "pt_run": "Model",
+            "sft_run": "Model",
+        },
+        outputs={"evaluation": "Artifact", "report": "HTML", "metrics": "Metrics"},
+        metrics=EVAL_METRICS,
+    ),
+    Stage(
+        "register",
+        "A new registered version with alias challenger; champion moves only when the gate passes.",
+        prefix="register_",
+        section="register",
+        config=RegisterConfig,
+        inputs={"final": "Model", "evaluation": "Artifact"},
+        outputs={"metrics": "Metrics"},
+        metrics=(Metric("version", "max"), Metric("promoted", "max")),
+        returns="str",
+    ),
+)
+
+# name, type, default, what it is
+RUN_PARAMETERS = (
+    ("data_revision", str, "", "git revision whose data.dvc names the data; empty: the data in the image's checkout"),
+    ("data_repo", str, "", "git URL of the project for data_revision; empty: the image's checkout"),
+    (
+        "data_md5",
+        str,
+        "",
+        "DVC md5 the data must have (keys the data step's cache on content); empty: what data.dvc pins",
+    ),
+    ("base_model_uri", str, "", "base model directory or s3://bucket/prefix; empty: the embedded tiny random LLaMA"),
+    ("mlflow_tracking_uri", str, "", "MLflow server; empty: $MLFLOW_TRACKING_URI of the step's environment"),
+    ("mlflow_experiment", str, "zhllama", "MLflow experiment"),
+    (
+        "pt_stage1",
+        bool,
+        False,
+        "run pretraining stage 1 (embeddings only) before stage 2, as the recipe's two-stage PT",
+    ),
+    ("pt_stage1_max_steps", int, 100, "stage 1 optimizer steps (its other settings are the pt_* ones)"),
+    ("train_nproc_per_node", int, 1, "processes (GPUs) per node for pretrain and sft: torchrun inside the container"),
+    (
+        "train_nnodes",
+        int,
+        1,
+        "nodes for pretrain and sft (a multi-node launch needs MASTER_ADDR/NODE_RANK, e.g. a PyTorchJob)",
+    ),
+)
+
+# Every component takes these: where tracking goes (empty: $MLFLOW_TRACKING_URI from the cluster's
+# secret or env). The pipeline run id is not a parameter: it changes every run and would defeat
+# caching; it reaches the step as $ZHLLAMA_PIPELINE_RUN_ID.
+TRACKING_PARAMETERS = (
+    ("mlflow_tracking_uri", str, "", "MLflow server; empty: $MLFLOW_TRACKING_URI of the step's environment"),
+    ("mlflow_experiment", str, "zhllama", "MLflow experiment"),
+)
+
+RECIPE = Recipe(
+    name="chinese-llama-alpaca", stages=STAGES, run_parameters=RUN_PARAMETERS, tracking_parameters=TRACKING_PARAMETERS
+)
+
+
+def promotion_metrics() -> dict[str, Metric]:
+    """What the promotion gate may compare: the figures evaluation produces."""
+    return {metric.name: metric for metric in RECIPE.stage("evaluate").metrics}
