@@ -49,11 +49,10 @@ def small_corpus(tmp_path_factory, default_data) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def vocab_run(tmp_path_factory, small_corpus) -> Path:
     """A vocabulary stage run (4,000 Chinese pieces) merged into the resolved base tokenizer."""
-    from zhllama.recipes.chinese_llama_alpaca.configs import VocabConfig
     from zhllama.recipes.chinese_llama_alpaca.vocab import run_vocab
 
     out = tmp_path_factory.mktemp("vocab") / "vocab"
-    run_vocab([small_corpus["train"]], [small_corpus["valid"]], out, VocabConfig(vocab_size=4000))
+    run_vocab([small_corpus["train"]], [small_corpus["valid"]], out, tiny_config("vocab", vocab_size=4000))
     return out
 
 
@@ -107,51 +106,34 @@ def services(tmp_path_factory) -> Settings:
                 os.environ[key] = value
 
 
-TINY = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "max_position_embeddings": 256,
-}
+TINY_PRESET = PROJECT_ROOT / "configs" / "tiny.yaml"  # the tiny settings, declared once
+
+
+def tiny_config(stage_name: str, /, **overrides):
+    """A stage's config from configs/tiny.yaml, with a test's own overrides."""
+    from zhllama.recipes.chinese_llama_alpaca.stages import RECIPE
+
+    return RECIPE.stage_config(stage_name, TINY_PRESET, overrides)
 
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide random LLaMA with the resolved base tokenizer (seeded)."""
-    from zhllama.recipes.chinese_llama_alpaca.configs import BaseModelConfig
     from zhllama.recipes.chinese_llama_alpaca.modeling import create_base_model
     from zhllama.recipes.chinese_llama_alpaca.vocab import resolve_base_tokenizer
 
     out = tmp_path_factory.mktemp("base") / "base"
-    create_base_model(out, resolve_base_tokenizer(), BaseModelConfig(**TINY))
+    create_base_model(out, resolve_base_tokenizer(), tiny_config("base"))
     return out
-
-
-def tiny_train_args(**overrides):
-    """Fast settings for the tiny model: short blocks, small batches, a high learning rate."""
-    base = {
-        "max_steps": 6,
-        "per_device_train_batch_size": 2,
-        "learning_rate": 1e-3,
-        "warmup_ratio": 0.0,
-        "logging_steps": 1,
-        "eval_steps": 0,
-        "save_steps": 0,
-        "num_threads": 2,
-    }
-    base.update(overrides)
-    return base
 
 
 @pytest.fixture(scope="session")
 def pt_run(tmp_path_factory, tiny_base, vocab_run, small_corpus) -> Path:
     """A short stage-2 pretraining run of the tiny base with the merged tokenizer."""
-    from zhllama.recipes.chinese_llama_alpaca.configs import PretrainConfig
     from zhllama.recipes.chinese_llama_alpaca.pretrain import run_pretrain
 
     out = tmp_path_factory.mktemp("pt") / "pt"
-    cfg = PretrainConfig(**tiny_train_args(block_size=64, max_steps=8))
+    cfg = tiny_config("pretrain", block_size=64, max_steps=8)
     run_pretrain(tiny_base, vocab_run / "tokenizer", [small_corpus["train"]], out, cfg, cache_dir=out.parent / "cache")
     return out
 
@@ -181,11 +163,10 @@ def tiny_sft_data(tmp_path_factory, default_data) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def sft_run(tmp_path_factory, pt_merged, tiny_sft_data) -> Path:
-    from zhllama.recipes.chinese_llama_alpaca.configs import SftConfig
     from zhllama.recipes.chinese_llama_alpaca.sft import run_sft
 
     out = tmp_path_factory.mktemp("sft") / "sft"
-    cfg = SftConfig(**tiny_train_args(max_steps=6, max_seq_length=96, max_eval_examples=8))
+    cfg = tiny_config("sft", max_steps=6, max_seq_length=96, max_eval_examples=8)
     run_sft(pt_merged, tiny_sft_data["train"], tiny_sft_data["valid"], out, cfg)
     return out
 
@@ -200,13 +181,8 @@ def tiny_final(tmp_path_factory, pt_merged, sft_run) -> Path:
     return out
 
 
-TINY_EVAL = {
-    "lm_max_lines": 12,
-    "lm_chunk_chars": 96,
-    "task_max_examples": 8,
-    "max_new_tokens": 6,
-    "task_max_new_tokens": 4,
-}
+def tiny_eval(**overrides):
+    return tiny_config("evaluate", **overrides)
 
 
 @pytest.fixture(scope="session")
@@ -227,7 +203,7 @@ def eval_run(
         pt_run=pt_run,
         sft_run=sft_run,
     )
-    run_evaluate(inputs, out, EvalConfig(**TINY_EVAL, sample_prompts=EvalConfig().sample_prompts[:2]))
+    run_evaluate(inputs, out, tiny_eval(sample_prompts=EvalConfig().sample_prompts[:2]))
     return out
 
 

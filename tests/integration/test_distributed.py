@@ -78,8 +78,10 @@ def test_pipeline_step_launches_torchrun_and_tracks_once(
 ) -> None:
     """The pretrain component's step with nproc_per_node=2: torchrun inside, one MLflow run (rank 0),
     in the step's own experiment under the one parent (the relaunch once dropped --experiment)."""
+    from kfp import dsl
+
+    from components.pretrain import pretrain_cpu
     from zhllama.core import tracking
-    from zhllama.recipes.chinese_llama_alpaca import launchers as steps
 
     monkeypatch.setenv("ZHLLAMA_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("ZHLLAMA_PIPELINE_RUN_ID", "ddp-step")
@@ -100,7 +102,15 @@ def test_pipeline_step_launches_torchrun_and_tracks_once(
         "validation_split_percentage": 0.0,
         "mlflow_experiment": "ddp-experiment",
     }
-    metrics = steps.pretrain(str(tiny_base), str(vocab_run), str(data), str(tmp_path / "run"), params)
+    pretrain_cpu.python_func(
+        base_model=dsl.Model(name="base", uri=str(tiny_base)),
+        vocab=dsl.Model(name="vocab", uri=str(vocab_run)),
+        data=dsl.Dataset(name="data", uri=str(data)),
+        run=dsl.Model(name="run", uri=str(tmp_path / "run")),
+        metrics=dsl.Metrics(name="metrics", uri=str(tmp_path / "metrics")),
+        **params,
+    )
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 3
     tracker = tracking.PipelineRun(run_id="ddp-step", experiment="ddp-experiment")
     runs = tracker.client.search_runs(

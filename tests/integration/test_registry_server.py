@@ -9,8 +9,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from mlflow.exceptions import MlflowException
 
-from tests.conftest import TINY_EVAL
+from tests.conftest import TINY_PRESET
 from zhllama import cli
 from zhllama.core import registry, tracking
 from zhllama.core import services as svc
@@ -34,6 +35,30 @@ def _eval_with(eval_run: Path, tmp_path: Path, **changes: float) -> Path:
     return out
 
 
+def _register(model_dir: Path, eval_dir: Path, cfg: RegisterConfig) -> dict:
+    """The core's registration with the recipe's model logging (a pyfunc)."""
+    from zhllama.recipes.chinese_llama_alpaca.serving import log_pyfunc_model
+
+    return registry.register(model_dir, eval_dir, cfg, log_pyfunc_model)
+
+
+def test_a_dead_holders_lock_is_broken_after_the_timeout_whatever_the_clocks_say(server_tracking, monkeypatch) -> None:
+    """Staleness is watched time on this process's monotonic clock: a client whose wall clock runs
+    an hour ahead neither breaks a live lock at once nor waits forever for a dead one."""
+    client, name = tracking.client(), _name()
+    lock = f"{name}.promotion-lock"
+    client.create_registered_model(lock, description="held by a holder that died")
+    real_time = time.time
+    monkeypatch.setattr(registry.time, "time", lambda: real_time() + 3600)  # this machine's clock is skewed
+    started = time.monotonic()
+    with registry.promotion_lock(client, name, timeout=3.0):
+        waited = time.monotonic() - started
+        assert 3.0 <= waited < 10.0, waited  # waited out the timeout, then broke the dead lock
+        assert "held by" in client.get_registered_model(lock).description
+    with pytest.raises(MlflowException):  # released at the end of the block
+        client.get_registered_model(lock)
+
+
 def _versions(client, name: str) -> list:
     return sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
 
@@ -44,23 +69,8 @@ def test_chain_by_cli_leaves_nested_runs_report_and_champion(
     """The issue's 'done when', on tiny models: every stage by CLI, one parent run, a champion."""
     monkeypatch.setenv("ZHLLAMA_CACHE_DIR", str(tmp_path / "cache"))
     run_id, name = f"cli-{uuid.uuid4().hex[:6]}", _name()
-    train = [
-        "--max_steps",
-        "3",
-        "--per_device_train_batch_size",
-        "2",
-        "--save_steps",
-        "0",
-        "--eval_steps",
-        "0",
-        "--logging_steps",
-        "1",
-        "--num_threads",
-        "2",
-        "--learning_rate",
-        "1e-3",
-    ]
-    evaluate = [x for k, v in TINY_EVAL.items() for x in (f"--{k}", str(v))]
+    train = ["--preset", str(TINY_PRESET), "--max_steps", "3"]  # the tiny settings, three steps a stage
+    evaluate = ["--preset", str(TINY_PRESET)]
     steps = [
         [
             "pretrain",
@@ -72,8 +82,6 @@ def test_chain_by_cli_leaves_nested_runs_report_and_champion(
             str(small_corpus["train"]),
             "--out",
             str(tmp_path / "pt"),
-            "--block_size",
-            "64",
             *train,
         ],
         [
@@ -97,8 +105,6 @@ def test_chain_by_cli_leaves_nested_runs_report_and_champion(
             str(tiny_sft_data["valid"]),
             "--out",
             str(tmp_path / "sft"),
-            "--max_seq_length",
-            "96",
             *train,
         ],
         [
@@ -169,7 +175,7 @@ def test_registered_champion_loads_and_generates(server_tracking, tmp_path, tiny
     import mlflow
 
     name = _name()
-    result = registry.register(tiny_final, eval_run, RegisterConfig(model_name=name))
+    result = _register(tiny_final, eval_run, RegisterConfig(model_name=name))
     assert result["version"] == "1" and result["decision"] == "promoted"
     mlflow.set_tracking_uri(server_tracking)
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
@@ -189,10 +195,8 @@ def test_worse_version_is_challenger_better_one_takes_champion_manual_promotion(
     name = _name()
     cfg = RegisterConfig(model_name=name)
     base = read_json(eval_run / "metrics.json")["summary"]
-    first = registry.register(tiny_final, eval_run, cfg)
-    worse = registry.register(
-        tiny_final, _eval_with(eval_run, tmp_path, sft_test_loss=base["sft_test_loss"] + 0.5), cfg
-    )
+    first = _register(tiny_final, eval_run, cfg)
+    worse = _register(tiny_final, _eval_with(eval_run, tmp_path, sft_test_loss=base["sft_test_loss"] + 0.5), cfg)
     client = tracking.client()
     assert worse["decision"] == "kept champion" and "worse on sft_test_loss" in worse["reason"]
     assert client.get_model_version_by_alias(name, "champion").version == first["version"]
@@ -202,9 +206,7 @@ def test_worse_version_is_challenger_better_one_takes_champion_manual_promotion(
     assert compared["sft_test_loss"]["champion"] == pytest.approx(base["sft_test_loss"])
     assert challenger.tags["promotion.champion_before"] == first["version"]
 
-    better = registry.register(
-        tiny_final, _eval_with(eval_run, tmp_path, sft_test_loss=base["sft_test_loss"] - 0.5), cfg
-    )
+    better = _register(tiny_final, _eval_with(eval_run, tmp_path, sft_test_loss=base["sft_test_loss"] - 0.5), cfg)
     assert better["decision"] == "promoted"
     assert client.get_model_version_by_alias(name, "champion").version == better["version"]
 
@@ -226,7 +228,7 @@ def test_failure_after_version_creation_leaves_no_version(server_tracking, tiny_
 
     monkeypatch.setattr(registry, "_promote_by_gate", broken)
     with pytest.raises(ConnectionError):
-        registry.register(tiny_final, eval_run, RegisterConfig(model_name=name))
+        _register(tiny_final, eval_run, RegisterConfig(model_name=name))
     assert _versions(tracking.client(), name) == []
 
 
@@ -324,7 +326,7 @@ def test_server_down_clear_error_no_version_then_retry_registers_once(
         svc.start_mlflow(services)
     client = tracking.client()
     assert _versions(client, name) == []
-    result = registry.register(tiny_final, eval_run, RegisterConfig(model_name=name))
+    result = _register(tiny_final, eval_run, RegisterConfig(model_name=name))
     assert [v.version for v in _versions(client, name)] == [result["version"]] == ["1"]
 
 
@@ -340,7 +342,7 @@ def test_fault_server_dies_during_registration_then_retry_registers_once(
 
     name = _name()
     base = read_json(eval_run / "metrics.json")["summary"]["sft_test_loss"]
-    first = registry.register(
+    first = _register(
         tiny_final, _eval_with(eval_run, tmp_path, sft_test_loss=base + 1.0), RegisterConfig(model_name=name)
     )
     better = _eval_with(eval_run, tmp_path, sft_test_loss=base - 1.0)
@@ -367,7 +369,7 @@ def test_fault_server_dies_during_registration_then_retry_registers_once(
     try:
         started = time.monotonic()
         with pytest.raises(registry.RegistryError, match="stopped answering during registration") as failure:
-            registry.register(tiny_final, better, RegisterConfig(model_name=name))
+            _register(tiny_final, better, RegisterConfig(model_name=name))
         assert "re-running this registration" in str(failure.value)
         assert time.monotonic() - started < 120
     finally:
@@ -382,7 +384,7 @@ def test_fault_server_dies_during_registration_then_retry_registers_once(
     assert (
         cli.main(["promote", "--model_name", name, "--version", left[0].version, "--reason", "x"]) == 2
     )  # and refused
-    result = registry.register(tiny_final, better, RegisterConfig(model_name=name))
+    result = _register(tiny_final, better, RegisterConfig(model_name=name))
     versions = _versions(client, name)
     assert [v.version for v in versions] == [first["version"], result["version"]]
     assert all(v.tags[registry.STATE_TAG] == "ready" for v in versions)

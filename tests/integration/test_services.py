@@ -37,5 +37,27 @@ def test_mlflow_artifacts_land_in_the_bucket(services, tmp_path: Path) -> None:
 
 
 def test_services_bind_loopback_only(services) -> None:
-    assert services.host == "127.0.0.1"
-    assert services.s3_endpoint.startswith("http://127.0.0.1:")
+    """Every socket the services' processes listen on is a loopback one, and the ports do not
+    answer on this machine's other addresses."""
+    import socket
+
+    import psutil
+
+    listening = []
+    for name, state in svc.status(services).items():
+        process = psutil.Process(state["pid"])
+        for proc in (process, *process.children(recursive=True)):
+            listening += [(name, c.laddr) for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert listening, "no listening socket found for the services"
+    assert all(addr.ip in {"127.0.0.1", "::1"} for _, addr in listening), listening
+    others = [
+        a.address
+        for addrs in psutil.net_if_addrs().values()
+        for a in addrs
+        if a.family == socket.AF_INET and not a.address.startswith("127.")
+    ]
+    for ip in others:
+        for port in (services.s3_port, services.mlflow_port):
+            with socket.socket() as sock:
+                sock.settimeout(2)
+                assert sock.connect_ex((ip, port)) != 0, f"{ip}:{port} answers off loopback"

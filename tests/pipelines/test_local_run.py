@@ -8,38 +8,15 @@ import uuid
 
 import pytest
 
+from tests.conftest import TINY_PRESET
 from zhllama.core import registry, tracking
 from zhllama.core.settings import PROJECT_ROOT
+from zhllama.recipes.chinese_llama_alpaca.stages import RECIPE
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
-TINY = {
-    "vocab_vocab_size": 4500,
-    "base_hidden_size": 32,
-    "base_intermediate_size": 64,
-    "base_num_hidden_layers": 2,
-    "base_num_attention_heads": 4,
-    "base_max_position_embeddings": 256,
-    "pt_max_steps": 2,
-    "pt_block_size": 64,
-    "pt_per_device_train_batch_size": 2,
-    "pt_save_steps": 0,
-    "pt_eval_steps": 0,
-    "pt_logging_steps": 1,
-    "pt_max_eval_blocks": 4,
-    "sft_max_steps": 2,
-    "sft_max_seq_length": 96,
-    "sft_per_device_train_batch_size": 2,
-    "sft_save_steps": 0,
-    "sft_eval_steps": 0,
-    "sft_logging_steps": 1,
-    "sft_max_eval_examples": 8,
-    "eval_lm_max_lines": 10,
-    "eval_lm_chunk_chars": 96,
-    "eval_task_max_examples": 8,
-    "eval_max_new_tokens": 4,
-    "eval_task_max_new_tokens": 4,
-}
+# configs/tiny.yaml as pipeline arguments, with two training steps a stage: the DAG is under test here
+TINY = {**RECIPE.preset_arguments(TINY_PRESET), "pt_max_steps": 2, "sft_max_steps": 2}
 STEPS = {"prerequisites", "data", "base", "vocab", "pretrain", "merge", "sft", "evaluate", "register"}
 
 

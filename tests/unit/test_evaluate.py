@@ -1,13 +1,13 @@
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import TINY_EVAL
+from tests.conftest import tiny_eval
 from zhllama.core.io import InputError, read_json
 from zhllama.core.training.loss import token_loss_sum
-from zhllama.recipes.chinese_llama_alpaca.configs import EvalConfig
 from zhllama.recipes.chinese_llama_alpaca.evaluate import (
     EvalInputs,
     language_model_scores,
@@ -17,7 +17,7 @@ from zhllama.recipes.chinese_llama_alpaca.evaluate import (
     text_chunks,
 )
 from zhllama.recipes.chinese_llama_alpaca.modeling import load_model, load_tokenizer
-from zhllama.recipes.chinese_llama_alpaca.sft import tokenize_example
+from zhllama.recipes.chinese_llama_alpaca.sft import read_alpaca, tokenize_example
 
 
 def test_chunks_keep_every_character() -> None:
@@ -55,14 +55,23 @@ def test_sequence_logprobs_equal_the_training_loss(pt_merged: Path) -> None:
         assert logp == pytest.approx(-loss.item(), rel=1e-4)
 
 
-def test_task_metrics_rank_the_options(tiny_final: Path, tiny_sft_data) -> None:
+def test_task_metrics_rank_the_options(tiny_final: Path, tiny_sft_data, tmp_path: Path) -> None:
     model, tok = load_model(tiny_final), load_tokenizer(tiny_final)
-    result = task_metrics(model, tok, tiny_sft_data["test"], EvalConfig(**TINY_EVAL))
+    result = task_metrics(model, tok, tiny_sft_data["test"], tiny_eval())
     assert result["options"] == ["正面", "负面"]
     assert result["examples"] == 8
     assert sum(result["predicted_share"].values()) == pytest.approx(1.0)
-    assert 0.0 <= result["accuracy_loglik"] <= 1.0 and 0.0 <= result["exact_match"] <= 1.0
     assert result["test_loss"] > 0
+    # accuracy is the share of examples whose best-scored option is the gold one: the predictions
+    # do not depend on the gold labels, so relabelling every example flips the accuracy
+    greedy = result["greedy_examples"]
+    assert result["exact_match"] == pytest.approx(sum(g["greedy"] == g["gold"].strip() for g in greedy) / len(greedy))
+    for label in result["options"]:
+        relabelled = tmp_path / f"all-{label}.json"
+        records = [{**r, "output": label} for r in read_alpaca(tiny_sft_data["test"])]
+        relabelled.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+        same_gold = task_metrics(model, tok, relabelled, tiny_eval(task_options=result["options"]))
+        assert same_gold["accuracy_loglik"] == pytest.approx(result["predicted_share"][label])
 
 
 def test_evaluation_writes_metrics_and_report(eval_run: Path) -> None:
@@ -95,11 +104,11 @@ def test_bad_input_leaves_no_output(tmp_path: Path, tiny_base: Path, small_corpu
         empty = tmp_path / "empty_model"
         empty.mkdir()
         (empty / "config.json").write_text("{}")
-        run_evaluate(EvalInputs(text_file=small_corpus["valid"], base_model=empty), out, EvalConfig(**TINY_EVAL))
+        run_evaluate(EvalInputs(text_file=small_corpus["valid"], base_model=empty), out, tiny_eval())
     bad = tmp_path / "bad.txt"
     bad.write_bytes("好的\n".encode() + b"\xff\xfe\n")
     with pytest.raises(InputError, match=r"bad.txt:2: not UTF-8"):
-        run_evaluate(EvalInputs(text_file=bad, base_model=tiny_base), out, EvalConfig(**TINY_EVAL))
+        run_evaluate(EvalInputs(text_file=bad, base_model=tiny_base), out, tiny_eval())
     with pytest.raises(InputError, match="at least one model"):
-        run_evaluate(EvalInputs(text_file=small_corpus["valid"]), out, EvalConfig(**TINY_EVAL))
+        run_evaluate(EvalInputs(text_file=small_corpus["valid"]), out, tiny_eval())
     assert not out.exists() and not list(tmp_path.glob(".eval.tmp-*"))

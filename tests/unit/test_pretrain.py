@@ -5,9 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_train_args
+from tests.conftest import tiny_config
 from zhllama.core.io import InputError
-from zhllama.recipes.chinese_llama_alpaca.configs import PretrainConfig
 from zhllama.recipes.chinese_llama_alpaca.modeling import load_model, load_tokenizer
 from zhllama.recipes.chinese_llama_alpaca.pretrain import load_blocks, run_pretrain
 
@@ -17,7 +16,7 @@ def _state(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_stage1_trains_only_embeddings(tmp_path: Path, tiny_base: Path, vocab_run: Path, small_corpus) -> None:
-    cfg = PretrainConfig(**tiny_train_args(stage=1, block_size=64, max_steps=3))
+    cfg = tiny_config("pretrain", stage=1, block_size=64, max_steps=3)
     metrics = run_pretrain(
         tiny_base, vocab_run / "tokenizer", [small_corpus["train"]], tmp_path / "s1", cfg, cache_dir=tmp_path / "c"
     )
@@ -66,7 +65,7 @@ def test_stage2_adapter_holds_lora_and_full_embeddings(pt_run: Path, tiny_base: 
 
 def test_resume_matches_uninterrupted(tmp_path: Path, tiny_base: Path, vocab_run: Path, small_corpus) -> None:
     args = dict(tokenizer_dir=vocab_run / "tokenizer", train_files=[small_corpus["train"]], cache_dir=tmp_path / "c")
-    cfg = PretrainConfig(**tiny_train_args(block_size=64, max_steps=6, save_steps=3))
+    cfg = tiny_config("pretrain", block_size=64, max_steps=6, save_steps=3)
     run_pretrain(tiny_base, out_dir=tmp_path / "full", cfg=cfg, **args)
     run_pretrain(tiny_base, out_dir=tmp_path / "cut", cfg=cfg, stop_after_steps=3, **args)
     assert not (tmp_path / "cut" / "adapter").exists(), "an interrupted run must not write final outputs"
@@ -88,13 +87,11 @@ def test_resume_refuses_a_checkpoint_of_another_run(
     run_pretrain(
         tiny_base,
         out_dir=tmp_path / "r",
-        cfg=PretrainConfig(**tiny_train_args(block_size=64, max_steps=4, save_steps=2)),
+        cfg=tiny_config("pretrain", block_size=64, max_steps=4, save_steps=2),
         stop_after_steps=2,
         **args,
     )
-    other = PretrainConfig(
-        **tiny_train_args(block_size=64, max_steps=4, save_steps=2, lora_target_modules=["q_proj", "v_proj"])
-    )
+    other = tiny_config("pretrain", block_size=64, max_steps=4, save_steps=2, lora_target_modules=["q_proj", "v_proj"])
     with pytest.raises(InputError, match="checkpoint does not fit this run: missing"):
         run_pretrain(tiny_base, out_dir=tmp_path / "r", cfg=other, resume=True, **args)
     ckpt = sorted((tmp_path / "r" / "checkpoints").iterdir())[-1]
@@ -103,16 +100,14 @@ def test_resume_refuses_a_checkpoint_of_another_run(
         run_pretrain(
             tiny_base,
             out_dir=tmp_path / "r",
-            cfg=PretrainConfig(**tiny_train_args(block_size=64, max_steps=4, save_steps=2)),
+            cfg=tiny_config("pretrain", block_size=64, max_steps=4, save_steps=2),
             resume=True,
             **args,
         )
 
 
 def test_loss_falls_on_the_default_corpus(tmp_path: Path, tiny_base: Path, vocab_run: Path, small_corpus) -> None:
-    cfg = PretrainConfig(
-        **tiny_train_args(block_size=64, max_steps=40, per_device_train_batch_size=4, learning_rate=3e-3)
-    )
+    cfg = tiny_config("pretrain", block_size=64, max_steps=40, per_device_train_batch_size=4, learning_rate=3e-3)
     run_pretrain(
         tiny_base, vocab_run / "tokenizer", [small_corpus["train"]], tmp_path / "pt", cfg, cache_dir=tmp_path / "c"
     )

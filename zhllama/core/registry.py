@@ -86,13 +86,18 @@ def gate(
 
 @contextlib.contextmanager
 def promotion_lock(client, name: str, timeout: float) -> Iterator[None]:
-    """Hold ``<name>.promotion-lock`` for the block. A lock older than ``timeout`` seconds is
-    stale (its holder died) and is broken."""
+    """Hold ``<name>.promotion-lock`` for the block. A lock this process has watched, unchanged,
+    for ``timeout`` seconds is stale (its holder died) and is broken. Staleness is measured on
+    this process's monotonic clock, never by comparing the server's timestamps with this
+    machine's wall clock (which may be skewed); so a dead holder's lock costs up to ``timeout``
+    of waiting, and giving up takes twice that."""
     from mlflow.exceptions import MlflowException
 
     lock = f"{name}.promotion-lock"
-    holder = f"{socket.gethostname()}:{os.getpid()}"
-    deadline = time.monotonic() + timeout
+    holder = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+    started = time.monotonic()
+    watched: tuple[int, str] | None = None  # (creation timestamp, description) of the lock seen
+    watched_since = started
     while True:
         try:
             client.create_registered_model(
@@ -104,13 +109,16 @@ def promotion_lock(client, name: str, timeout: float) -> Iterator[None]:
                 raise
             with contextlib.suppress(MlflowException):
                 held = client.get_registered_model(lock)
-                if time.time() * 1000 - held.creation_timestamp > timeout * 1000:
+                seen = (held.creation_timestamp, held.description or "")
+                if seen != watched:
+                    watched, watched_since = seen, time.monotonic()
+                elif time.monotonic() - watched_since > timeout:
                     log.warning("breaking stale promotion lock %s (%s)", lock, held.description)
                     client.delete_registered_model(lock)
                     continue
-            if time.monotonic() > deadline:
+            if time.monotonic() - started > 2 * timeout:
                 raise RegistryError(
-                    f"promotion lock {lock} still held after {timeout:.0f} s; delete that registered model if its holder died"
+                    f"promotion lock {lock} still held after {2 * timeout:.0f} s; delete that registered model if its holder died"
                 ) from None
             time.sleep(0.5)
     try:

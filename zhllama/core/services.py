@@ -63,7 +63,9 @@ def s3_is_up(settings: Settings) -> bool:
 
 
 def mlflow_is_up(settings: Settings) -> bool:
-    return _http_ok(f"{settings.mlflow_uri}/health")
+    from zhllama.core.tracking import server_up
+
+    return server_up(settings.mlflow_uri, timeout=2.0)
 
 
 def _wait(check, what: str, timeout: float, log_path: Path, pid: int) -> None:

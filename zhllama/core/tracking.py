@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import subprocess
@@ -93,14 +94,22 @@ def client(uri: str | None = None):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview; these are training runs.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def experiment_id(mlflow_client, name: str) -> str:
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            mlflow_client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     # A local store keeps artifacts beside its database, not in the working directory.
     location = None if is_remote(mlflow_client.tracking_uri) else (local_store_dir() / "artifacts").as_uri()
     try:
-        return mlflow_client.create_experiment(name, artifact_location=location)
+        return mlflow_client.create_experiment(
+            name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except Exception:  # another stage created it first
         found = mlflow_client.get_experiment_by_name(name)
         if found is None:
@@ -254,36 +263,47 @@ class StageRun:
             self.flush(strict=False)
 
     def flush(self, strict: bool = True) -> None:
-        while self._pending:
-            batch = self._pending[:1000]  # MLflow's per-request limit
-            try:
-                self.client.log_batch(self.run_id, metrics=batch)
-            except Exception as err:
-                if strict:
-                    raise
-                log.warning("could not send %d step metrics to MLflow (%s); will retry", len(batch), err)
-                return
-            del self._pending[:1000]
+        """Send the pending step metrics (``log_batch`` splits them into MLflow's per-request
+        limits); on failure keep them for the next flush unless ``strict``."""
+        if not self._pending:
+            return
+        try:
+            self.client.log_batch(self.run_id, metrics=self._pending)
+        except Exception as err:
+            if strict:
+                raise
+            log.warning("could not send %d step metrics to MLflow (%s); will retry", len(self._pending), err)
+            return
+        self._pending.clear()
 
     def log_metrics(self, metrics: dict[str, Any], step: int = 0) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, v, now, step) for k, v in numeric_metrics(metrics).items()]
-        for k in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[k : k + 1000])
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, v, now, step) for k, v in numeric_metrics(metrics).items()]
+        )
 
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, v) for k, v in params.items()]
-        for k in range(0, len(items), 100):  # MLflow's per-request limit for params
-            self.client.log_batch(self.run_id, params=items[k : k + 100])
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])  # chunked by MLflow
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_data_input(self, digest: str, source: str, name: str = "data", context: str = "training") -> None:
+        """The data this run trained on, as an MLflow dataset input (the UI's Dataset column):
+        ``digest`` is the DVC md5 that pins it, ``source`` where DVC keeps it."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(
+            name=name, digest=digest, source_type="dvc", source=json.dumps({"uri": source, "md5": digest})
+        )
+        tags = [InputTag(key="mlflow.data.context", value=context)]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset=dataset, tags=tags)])
 
     def add_lineage(self, known: dict[str, str]) -> None:
         """Lineage this stage produced (its tokenizer, its base model): onto this run and the parent."""

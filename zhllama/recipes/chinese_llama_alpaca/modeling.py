@@ -187,33 +187,27 @@ def copy_sp_model(tokenizer, out_dir: Path) -> None:
 
 
 def fetch_model(uri: str, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Copy a Hugging Face model directory from a local path or ``s3://bucket/prefix`` (credentials
-    and endpoint from the environment) into ``out_dir``, whole or not at all."""
+    """Copy a Hugging Face model directory into ``out_dir``, whole or not at all: a local path, or
+    any URL fsspec reads (``s3://bucket/prefix`` with credentials and endpoint from the
+    environment; ``gs://`` and others when their fsspec package is installed)."""
     import shutil
 
     with atomic_dir(out_dir) as tmp:
-        if uri.startswith("s3://"):
-            import boto3
+        if "://" in uri:
+            import fsspec
 
-            bucket, _, prefix = uri[len("s3://") :].partition("/")
-            client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-            keys = [
-                o["Key"]
-                for page in client.get_paginator("list_objects_v2").paginate(
-                    Bucket=bucket, Prefix=prefix.rstrip("/") + "/"
-                )
-                for o in page.get("Contents", [])
-            ]
-            if not keys:
-                raise InputError(f"{uri}: no objects under this prefix")
-            for key in keys:
-                target = tmp / key[len(prefix.rstrip("/")) + 1 :]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                client.download_file(bucket, key, str(target))
-        elif "://" in uri:
-            raise InputError(
-                f"{uri}: base model URI must be a directory path or s3://bucket/prefix (nothing is fetched from model hubs)"
+            options = (
+                {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}
+                if (uri.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"))
+                else {}
             )
+            try:
+                fs, root = fsspec.core.url_to_fs(uri, **options)
+                if not fs.isdir(root):
+                    raise InputError(f"{uri}: no model folder there")
+                fs.get(root.rstrip("/") + "/", str(tmp), recursive=True)
+            except (ImportError, ValueError) as err:
+                raise InputError(f"{uri}: cannot read this URL ({err})") from None
         else:
             shutil.copytree(check_model_dir(uri), tmp, dirs_exist_ok=True)
         check_model_dir(tmp)

@@ -27,6 +27,17 @@ from zhllama.recipes.chinese_llama_alpaca.configs import (
 PathLike = str | os.PathLike[str]
 
 
+def _log_data_input(run: tracking.StageRun, train_file: PathLike) -> None:
+    """The data the stage trains on, as the run's MLflow dataset input: the md5 the data step
+    recorded beside it (a pipeline's Dataset artifact), else what data.dvc pins."""
+    from zhllama.core.dvc_data import remote_url
+    from zhllama.core.io import read_json
+
+    manifest = Path(train_file).resolve().parent.parent / "zhllama_data.json"
+    md5 = read_json(manifest).get("md5", "") if manifest.is_file() else ""
+    run.log_data_input(md5 or tracking.data_dvc_md5(), remote_url() or "data/")
+
+
 def _log_outputs(run: tracking.StageRun, metrics: dict[str, Any], out: PathLike, files: Sequence[str]) -> None:
     run.log_metrics(metrics)
     for name in files:
@@ -75,6 +86,7 @@ def pretrain(
     from zhllama.recipes.chinese_llama_alpaca.pretrain import run_pretrain
 
     with stage_run(where, f"pretrain_stage{cfg.stage}", cfg, base_model=base_model, tokenizer=tokenizer) as run:
+        _log_data_input(run, train[0])
         metrics = run_pretrain(base_model, tokenizer, train, out, cfg, resume=resume, on_log=run.log_step)
         _log_outputs(run, metrics, out, ("metrics.json", "train_log.json"))
     return metrics
@@ -110,6 +122,7 @@ def sft(
     from zhllama.recipes.chinese_llama_alpaca.sft import run_sft
 
     with stage_run(where, "sft", cfg, tokenizer=model) as run:
+        _log_data_input(run, train)
         metrics = run_sft(model, train, valid, out, cfg, resume=resume, on_log=run.log_step)
         _log_outputs(run, metrics, out, ("metrics.json", "train_log.json"))
     return metrics
