@@ -1,2 +1,3 @@
-"""Kubeflow Pipelines components, one per stage, each an interface plus one call into
-``zhllama.recipes.chinese_llama_alpaca.launchers`` (see _factory.py for how the parameters come from the config dataclasses)."""
+"""Kubeflow Pipelines components, one file per stage of the recipe's stage table, written by
+``make components`` (zhllama/core/codegen.py); each is an interface plus one call into
+``zhllama.recipes.chinese_llama_alpaca.launchers``. images.py names the images they run in."""

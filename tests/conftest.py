@@ -15,14 +15,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from zhllama.core.settings import PROJECT_ROOT, Settings  # noqa: E402
 
-SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+SHARED_DATA = Settings().shared_dir / "data"  # ../shared/data beside the checkout, or $ZHLLAMA_SHARED_DIR/data
 
 
 def shared_file(name: str) -> Path:
     """A file from ../shared/data, or skip with the reason when that folder is absent."""
     path = SHARED_DATA / name
     if not path.is_file():
-        pytest.skip(f"{path} absent: the reference files live in ../shared/data beside the checkout")
+        pytest.skip(
+            f"{path} absent: the reference files live in the shared folder ($ZHLLAMA_SHARED_DIR, default ../shared)"
+        )
     return path
 
 

@@ -110,3 +110,29 @@ def test_a_config_field_reaches_the_component_and_the_pipeline_by_name() -> None
     assert "    pt_lora_rank: int = 8," in signature and '"lora_rank": pt_lora_rank,' in signature
     assert "    lora_rank: int = 8," in component and "        lora_rank=lora_rank," in component
     assert dataclasses.is_dataclass(RECIPE.stage("pretrain").config)
+
+
+PREREQUISITE_CASES = [
+    ("rank zero", {"pt_lora_rank": 0}, r"pipeline parameters pt_\*: .*lora_rank must be > 0"),
+    ("bad vocab model type", {"vocab_model_type": "word"}, r"pipeline parameters vocab_\*: .*model_type"),
+    ("negative stage-1 steps", {"pt_stage1_max_steps": -1}, "pt_stage1_max_steps must be >= 0"),
+    ("unknown gate metric", {"register_promotion_metrics": ["bleu:max"]}, "'bleu' is not an evaluation metric"),
+    ("malformed gate metric", {"register_promotion_metrics": ["sft_test_loss:up"]}, "expected NAME:max or NAME:min"),
+]
+
+
+@pytest.mark.parametrize(("case", "bad", "message"), PREREQUISITE_CASES, ids=[c[0] for c in PREREQUISITE_CASES])
+def test_prerequisites_step_fails_in_seconds_naming_the_bad_parameter(case, bad, message, local_tracking) -> None:
+    from components.prerequisites import prerequisites_cpu
+
+    defaults = {name: default for name, _, default in RECIPE.pipeline_parameters()}
+    with pytest.raises(Exception, match=message):
+        prerequisites_cpu.python_func(**{**defaults, **bad})
+
+
+def test_prerequisites_accept_every_metric_evaluation_produces(local_tracking) -> None:
+    from components.prerequisites import prerequisites_cpu
+
+    defaults = {name: default for name, _, default in RECIPE.pipeline_parameters()}
+    gate = ["pt_valid_loss:min", "final_bits_per_byte:min", "task_accuracy_loglik:max"]
+    assert prerequisites_cpu.python_func(**{**defaults, "register_promotion_metrics": gate}).startswith("sqlite:")

@@ -77,7 +77,7 @@ def test_pipeline_step_launches_torchrun_and_tracks_once(
     tmp_path: Path, tiny_base: Path, vocab_run: Path, small_corpus, local_tracking: Path, monkeypatch
 ) -> None:
     """The pretrain component's step with nproc_per_node=2: torchrun inside, one MLflow run (rank 0),
-    in the step's own experiment under the one parent (the relaunch once dropped --experiment)."""
+    in the step's own experiment under the one parent (the relaunched ranks get --experiment too)."""
     from kfp import dsl
 
     from components.pretrain import pretrain_cpu

@@ -136,3 +136,53 @@ def test_bad_submit_parameters_fail_clearly(case, param, message) -> None:
 def test_submit_needs_a_host() -> None:
     done = _cli("submit", "--dry-run")
     assert done.returncode == 2 and "--host" in done.stderr
+
+
+def test_compile_works_from_an_installed_wheel_outside_a_checkout(tmp_path: Path) -> None:
+    """The pipeline layer ships in the package: no checkout on sys.path is needed to compile."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    for name in ("zhllama", "components", "pipelines"):
+        shutil.copytree(PROJECT_ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(PROJECT_ROOT / name, source / name)
+    wheel_cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        str(tmp_path / "wheel"),
+        ".",
+    ]
+    subprocess.run(wheel_cmd, cwd=source, check=True, capture_output=True, timeout=300)
+    site = tmp_path / "site"
+    with zipfile.ZipFile(next((tmp_path / "wheel").glob("zhllama-*.whl"))) as wheel:
+        wheel.extractall(site)
+    assert (site / "pipelines" / "chinese_llama_alpaca.yaml").is_file() and (
+        site / "components" / "pretrain.py"
+    ).is_file()
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "HOME": str(tmp_path)}
+    code = "import pipelines; print(pipelines.__file__)"
+    where = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    )
+    assert where.stdout.startswith(str(site))
+    done = subprocess.run(
+        [sys.executable, "-m", "zhllama.cli", "compile", "--out", str(tmp_path / "p.yaml")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (
+        next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))["pipelineInfo"]["name"]
+        == "zhllama-chinese-llama-alpaca"
+    )

@@ -199,7 +199,7 @@ class RegisterConfig:
     promotion_metrics: list[str] = doc(
         "Evaluation metrics the challenger must not lose on, NAME:min or NAME:max; it must win on at least one.",
         # The task's own held-out loss first: bits/char on general text falls as SFT specialises the
-        # model, and accuracy near chance is noise (measured: a 5-step SFT "won" on both).
+        # model, and accuracy near chance is noise.
         default_factory=lambda: ["sft_test_loss:min", "task_accuracy_loglik:max"],
     )
     min_improvement: float = doc("Smallest gain that counts as a win on a metric (absolute).", default=0.0)

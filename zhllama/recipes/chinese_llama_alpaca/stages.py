@@ -4,7 +4,7 @@ Every front end reads it: the CLI (one command per stage, options from the confi
 loader (a section per stage), ``check_prerequisites``, the pipeline parameters (``prefix`` +
 field), the generated components (``make components``: artifacts, parameters, the launcher they
 call) and the promotion-metric check (the metrics evaluation produces). A stage missing here is
-missing everywhere, and tests/unit/test_stages.py fails.
+missing everywhere, and tests/unit/chinese_llama_alpaca/test_stages.py fails.
 """
 
 from __future__ import annotations
