@@ -335,7 +335,7 @@ def bench_pipeline(ws: Workspace, full: bool = False) -> dict[str, Any]:
                 "pipeline_seconds": result["total_seconds"],
                 "step_seconds": result["step_seconds"],
                 "cached_steps": result["cached_steps"],
-                "stage_seconds": stage_seconds(env["ZHLLAMA_PIPELINE_RUN_ID"]),
+                "stage_seconds": result["stage_seconds"],  # each stage's own MLflow run, as run_local reports it
             }
         )
     cold = runs[0]
@@ -348,26 +348,6 @@ def bench_pipeline(ws: Workspace, full: bool = False) -> dict[str, Any]:
         "full": full,
         "overhead_seconds": cold["pipeline_seconds"] - compute,
         "steps": len(cold["step_seconds"]),
-    }
-
-
-def stage_seconds(pipeline_run_id: str) -> dict[str, float]:
-    """Each stage's own time: its nested MLflow run's duration (after the step's process started)."""
-    from mlflow.tracking import MlflowClient
-
-    from zhllama.core.tracking import PIPELINE_RUN_TAG
-
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name("zhllama-bench")
-    if experiment is None:
-        return {}
-    runs = client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'"
-    )
-    return {
-        r.info.run_name: (r.info.end_time - r.info.start_time) / 1000
-        for r in runs
-        if r.info.end_time and not r.info.run_name.startswith("pipeline ")
     }
 
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
-from collections.abc import Callable
 
 from zhllama import __version__
+from zhllama.core.containers import images_in, retag  # noqa: F401 - re-exported: what a compiled pipeline names
 
 VERSION = __version__
 REGISTRY = os.environ.get("ZHLLAMA_IMAGE_REGISTRY", "ghcr.io/zhllama")
@@ -31,24 +30,6 @@ def image_for(kind: str, tag: str | None = None, registry: str | None = None) ->
 
 
 IMAGES = {f"Dockerfile.{kind}": image_for(kind) for kind in KINDS}
-# An image line of a compiled pipeline that names one of these images: indent, repository, tag.
-_IMAGE_LINE = re.compile(r"^(\s*image: )(\S+/zhllama-(?:cpu|cuda)):(\S+)$", re.MULTILINE)
-
-
-def images_in(compiled: str) -> list[str]:
-    """The zhllama images a compiled pipeline's YAML names, each once."""
-    return list(dict.fromkeys(f"{m[2]}:{m[3]}" for m in _IMAGE_LINE.finditer(compiled)))
-
-
-def retag(compiled: str, tag: str | Callable[[str], str]) -> str:
-    """The compiled YAML with its zhllama images under another tag (the commit CI pushed, or a
-    local code tag): ``tag`` is the tag, or a function of the repository giving the whole image."""
-    if not _IMAGE_LINE.search(compiled):
-        raise ValueError("the compiled pipeline names no zhllama image: compile it with `make compile`")
-    whole = tag if callable(tag) else (lambda repository: f"{repository}:{tag}")
-    return _IMAGE_LINE.sub(lambda m: f"{m[1]}{whole(m[2])}", compiled)
-
-
 IMAGE_CPU = image_for("cpu")
 IMAGE_CUDA = image_for("cuda")
 

@@ -1,13 +1,14 @@
-"""Run the whole pipeline on this machine with ``kfp.local``.
+"""Run this recipe's whole pipeline on this machine with ``kfp.local`` (``make run``), through the
+platform's KFP helpers (zhllama/core/kfp_local.py).
 
 ``make run``: every step runs as a subprocess of this Python, from the Python-defined DAG.
 ``make run-containers`` (``--containers``): the checked-in compiled YAML (what a Kubeflow UI user
 uploads), every step in its own container from the image ``make images`` built, as the image's
-non-root user, through ``kfp.local.DockerRunner`` on the host network. Both run on the embedded
-default data and base model, against the local MLflow server when ``make services`` runs.
-kfp.local caches each step under ``.kfp_cache`` by component, command, arguments and the URIs
-of its input artifacts: a cached step hands on the same output URIs, so with nothing changed the
-whole DAG is reused. At the end it prints where to look.
+non-root user. Both run on the embedded default data and base model, against the local MLflow
+server when ``make services`` runs. kfp.local caches each step under ``.kfp_cache`` by component,
+command, arguments and the URIs of its input artifacts: with nothing changed the whole DAG is
+reused. At the end it prints each step's wall time, each stage's own time (its MLflow run) and
+where to look.
 """
 
 from __future__ import annotations
@@ -16,55 +17,24 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from zhllama.core import kfp_local
+from zhllama.core.kfp_local import StepFailed
 from zhllama.core.settings import PROJECT_ROOT
 from zhllama.recipes.chinese_llama_alpaca.stages import RECIPE
+
+__all__ = ["StepFailed", "main", "run_local"]
 
 log = logging.getLogger("zhllama.run")
 
 OUTPUTS = PROJECT_ROOT / ".kfp_outputs"
 CACHE = PROJECT_ROOT / ".kfp_cache"
 COMPILED = Path(__file__).resolve().parent / "chinese_llama_alpaca.yaml"
-
-
-class StepFailed(RuntimeError):
-    """A step of a local run failed; the message is its own one-line error."""
-
-
-class StepTimer(logging.Filter):
-    """Wall time per step, from kfp.local's own log lines. A filter on the root logger, because
-    kfp.local swaps the root handlers while a task runs."""
-
-    START = re.compile(r"Executing task '?([\w-]+)")
-    END = re.compile(r"Task '?([\w-]+)'? finished with status")
-    HIT = re.compile(r"Task ([\w-]+) cache hit")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.started: dict[str, float] = {}
-        self.seconds: dict[str, float] = {}
-        self.cached: list[str] = []
-        self.failed: list[str] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        self._note(record)
-        return True
-
-    def _note(self, record: logging.LogRecord) -> None:
-        message = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())
-        if match := self.START.search(message):
-            self.started[match.group(1)] = record.created
-        elif (match := self.END.search(message)) and match.group(1) in self.started:
-            self.seconds[match.group(1)] = record.created - self.started[match.group(1)]
-            if "FAILURE" in message:
-                self.failed.append(match.group(1))
-        elif match := self.HIT.search(message):
-            self.cached.append(match.group(1))
+MOUNTED_BASE_TOKENIZER = "/opt/zhllama-inputs/base-tokenizer.model"
 
 
 def run_local(
@@ -76,8 +46,8 @@ def run_local(
     containers: bool = False,
     pipeline_yaml: Path = COMPILED,
 ) -> dict[str, Any]:
-    """Run the pipeline through kfp.local; returns the step times, cache hits and where to look.
-    ``containers``: run ``pipeline_yaml`` with every step in a container (see module docstring)."""
+    """Run the pipeline through kfp.local; returns the step times, the stages' own times, cache
+    hits and where to look. ``containers``: run ``pipeline_yaml`` with every step in a container."""
     from kfp import local
 
     from zhllama.core import tracking
@@ -88,163 +58,55 @@ def run_local(
     if os.environ.get("MLFLOW_TRACKING_URI"):
         arguments.setdefault("mlflow_tracking_uri", os.environ["MLFLOW_TRACKING_URI"])
     run_id = os.environ.setdefault("ZHLLAMA_PIPELINE_RUN_ID", f"kfp-local-{time.strftime('%Y%m%d-%H%M%S')}")
-    pipeline_root, cache_root = (
-        Path(pipeline_root).resolve(),
-        Path(cache_root).resolve(),
-    )  # the container mounts it at the same path
+    pipeline_root, cache_root = Path(pipeline_root).resolve(), Path(cache_root).resolve()  # containers mount them as is
     if containers:
-        pipeline, runner = container_pipeline(pipeline_yaml), docker_runner(pipeline_root, run_id, arguments)
+        pipeline, runner = (
+            kfp_local.load_with_local_tags(pipeline_yaml),
+            _docker_runner(pipeline_root, run_id, arguments),
+        )
     else:
         from pipelines.chinese_llama_alpaca import build_pipeline
 
-        pipeline, runner = build_pipeline(code_version=code_version()), local.SubprocessRunner(use_venv=False)
-    local.init(runner=runner, pipeline_root=str(pipeline_root), enable_caching=caching, cache_root=str(cache_root))
-    timer = StepTimer()
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(min(level, logging.INFO))  # kfp.local reports steps and cache hits at INFO
-    root.addFilter(timer)
-    started = time.perf_counter()
-    _container_errors[:] = []
-    try:
-        pipeline(**arguments)
-    except RuntimeError as err:
-        if "finished with status" not in str(err):
-            raise
-        step = timer.failed[0] if timer.failed else "a step"
-        reason = _container_errors[0] if _container_errors else re.sub(r"\x1b\[[0-9;]*m", "", str(err))
-        raise StepFailed(f"step {step} failed: {reason}") from None
-    finally:
-        root.removeFilter(timer)
-        root.setLevel(level)
-    total = time.perf_counter() - started
+        pipeline = build_pipeline(code_version=kfp_local.code_version(PROJECT_ROOT))
+        runner = local.SubprocessRunner(use_venv=False)
+    timings = kfp_local.run_pipeline(
+        pipeline, arguments, runner, caching=caching, pipeline_root=pipeline_root, cache_root=cache_root
+    )
     return {
         "pipeline_run_id": run_id,
-        "total_seconds": total,
-        "step_seconds": timer.seconds,
-        "cached_steps": timer.cached,
+        **timings,
+        "stage_seconds": _stage_seconds(run_id, arguments),
         "arguments": arguments,
         **where_to_look(run_id, arguments, pipeline_root),
     }
 
 
-# --- containers ------------------------------------------------------------------------------------
-
-_container_errors: list[str] = []  # the last error line of each failed container, for StepFailed
-_runner_env: dict[str, str] = {}  # kfp.local replaces the runner's environment with a task's own env: both are kept
-_runner_mounts: dict[str, dict[str, str]] = {}  # read-only host files the steps need besides the pipeline root
-MOUNTED_BASE_TOKENIZER = "/opt/zhllama-inputs/base-tokenizer.model"
-
-
-def container_pipeline(pipeline_yaml: Path = COMPILED):
-    """The compiled pipeline, with its zhllama images named by the local code tag
-    (``<version>-<code hash>``, what ``make images`` tagged): the YAML is otherwise the one on
-    disk, and a code change is a new image, so a new cache key for every step."""
-    from kfp import components
-
-    from components.images import retag
-    from zhllama.core.containers import code_version as image_code_version
-    from zhllama.core.containers import local_tag
-
-    codes = {kind: image_code_version(kind=kind) for kind in ("cpu", "cuda")}
-    try:
-        text = retag(
-            Path(pipeline_yaml).read_text(encoding="utf-8"),
-            lambda repository: local_tag(repository + ":x", codes["cuda" if repository.endswith("-cuda") else "cpu"]),
-        )
-    except ValueError as err:
-        raise StepFailed(f"{pipeline_yaml}: {err}") from None
-    return components.load_component_from_text(text)
-
-
-def docker_runner(pipeline_root: Path, run_id: str, arguments: dict[str, Any]):
-    """kfp.local's DockerRunner on the host network (the services listen on 127.0.0.1), with the
-    environment a cluster's secrets and downward API give a step, as the image's non-root user
-    (or this user's uid, group 0, when not root); the pipeline root is made writable for it."""
-    from kfp import local
-    from kfp.local import docker_task_handler
-
-    from zhllama.core import containers
+def _docker_runner(pipeline_root: Path, run_id: str, arguments: dict[str, Any]):
+    """The environment a cluster's secrets and downward API give a step, and the base tokenizer
+    `make run` uses here (the shared LLaMA one, or $ZHLLAMA_BASE_TOKENIZER) mounted read-only; the
+    image's own fallback (the mistral-common wheel's) needs no mount."""
     from zhllama.core.settings import get_settings
+    from zhllama.recipes.chinese_llama_alpaca.vocab import BASE_TOKENIZER_ENV, resolve_base_tokenizer
 
-    os.environ["DOCKER_HOST"] = containers.engine_env()["DOCKER_HOST"]
-    docker_task_handler.run_docker_container = run_container
     env = {**get_settings().s3_env(), "ZHLLAMA_PIPELINE_RUN_ID": run_id}
     if uri := arguments.get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"):
         env["MLFLOW_TRACKING_URI"] = uri
-    # The base step takes the same base tokenizer as `make run` here (../shared's LLaMA one when it
-    # is beside the checkout, or $ZHLLAMA_BASE_TOKENIZER), mounted read-only; the image's own
-    # fallback (the mistral-common wheel's) needs no mount.
-    from zhllama.recipes.chinese_llama_alpaca.vocab import BASE_TOKENIZER_ENV, resolve_base_tokenizer
-
-    _runner_mounts.clear()
+    mounts = {}
     tokenizer = resolve_base_tokenizer().resolve()
     if not str(tokenizer).startswith(sys.prefix):
-        _runner_mounts[str(tokenizer)] = {"bind": MOUNTED_BASE_TOKENIZER, "mode": "ro"}
+        mounts[str(tokenizer)] = MOUNTED_BASE_TOKENIZER
         env[BASE_TOKENIZER_ENV] = MOUNTED_BASE_TOKENIZER
-    _runner_env.clear()
-    _runner_env.update(env)
-    uid = containers.STEP_UID if os.geteuid() == 0 else os.getuid()
-    pipeline_root.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        os.chown(pipeline_root, uid, 0)
-    pipeline_root.chmod(0o775)
-    return local.DockerRunner(network_mode="host", environment=env, user=f"{uid}:0")
+    return kfp_local.docker_runner(pipeline_root, env, mounts)
 
 
-def run_container(client, image: str, command: list[str], volumes: dict[str, Any], **run_args: Any) -> int:
-    """kfp.local's container run, with the exit code kept: kfp 2.17.0 starts containers with
-    auto-remove and reads the exit code afterwards, so a container removed first counts as a
-    success (and podman's API loses it outright). Here the container is removed only after
-    its code is read. A missing image fails at once, naming the target that builds it. A task
-    with an env of its own keeps the runner's environment too (kfp.local would replace it)."""
-    import codecs
-
-    import docker
+def _stage_seconds(run_id: str, arguments: dict[str, Any]) -> dict[str, float]:
+    """Each stage's own time in this pipeline run, from its MLflow run ({} when MLflow cannot say)."""
+    from zhllama.core import tracking
 
     try:
-        client.images.get(image)
-    except docker.errors.ImageNotFound:
-        raise StepFailed(f"image {image} is not built: run `make images` (it is tagged with the code's hash)") from None
-    run_args["environment"] = {**_runner_env, **(run_args.get("environment") or {})}
-    container = client.containers.run(
-        image=image,
-        command=command,
-        detach=True,
-        stdout=True,
-        stderr=True,
-        volumes={**volumes, **_runner_mounts},
-        auto_remove=False,
-        **run_args,
-    )
-    decoder, last_error = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
-    try:
-        pending = ""
-        for chunk in container.logs(stream=True, follow=True):
-            text = pending + decoder.decode(chunk)
-            *lines, pending = text.split("\n")
-            for line in lines:
-                print(line)
-                if re.match(r"^(error: |[\w.]*(Error|Exception)\b: )", line):
-                    last_error = line
-        if pending:
-            print(pending)
-        code = int(container.wait()["StatusCode"])
-    finally:
-        container.remove(force=True)
-    if code != 0:
-        _container_errors.append(last_error or f"its container exited with code {code}")
-    return code
-
-
-def code_version() -> str:
-    """A hash of the library, components and pipeline sources: edited code re-runs the steps."""
-    from zhllama.core.io import sha256_files
-
-    files = sorted(
-        p for folder in ("zhllama", "components", "pipelines") for p in (PROJECT_ROOT / folder).rglob("*.py")
-    )
-    return sha256_files(files)[:16]
+        return tracking.PipelineRun(run_id=run_id, experiment=arguments.get("mlflow_experiment")).stage_seconds()
+    except tracking.TrackingError:
+        return {}
 
 
 def where_to_look(run_id: str, arguments: dict[str, Any], pipeline_root: Path) -> dict[str, Any]:
@@ -322,8 +184,13 @@ def main(argv: list[str] | None = None) -> int:
         f"\n== zhllama pipeline (kfp.local, {'compiled YAML, steps in containers' if args.containers else 'steps as subprocesses'}) =="
     )
     print(f"pipeline run     {result['pipeline_run_id']}   total {result['total_seconds']:.1f} s")
+    print("  steps, wall time (kfp.local)")
     for step, seconds in result["step_seconds"].items():
-        print(f"  {step:<28} {seconds:7.1f} s")
+        print(f"    {step:<26} {seconds:7.1f} s")
+    if result.get("stage_seconds"):
+        print("  stages, their own work (their MLflow runs)")
+        for stage, seconds in result["stage_seconds"].items():
+            print(f"    {stage:<26} {seconds:7.1f} s")
     if result["cached_steps"]:
         print(f"  cached (reused): {', '.join(result['cached_steps'])}")
     print(f"MLflow run       {result.get('mlflow_run')}")

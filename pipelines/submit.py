@@ -1,20 +1,13 @@
-"""Compile the pipeline and submit it to a Kubeflow Pipelines endpoint (``zhllama submit``).
-
-Parameters are checked against the pipeline's own (name and type) before anything is sent,
-so a typo fails here, not on the cluster.
-"""
+"""This recipe's pipeline compiled and submitted (``zhllama compile``, ``zhllama submit``), through
+the platform's KFP helpers (zhllama/core/kfp_submit.py)."""
 
 from __future__ import annotations
 
-import argparse
-import difflib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from zhllama.core.config import parse_bool, parse_list
-from zhllama.core.io import InputError
+from zhllama.core import kfp_submit
 from zhllama.core.settings import PROJECT_ROOT
 from zhllama.recipes.chinese_llama_alpaca.stages import RECIPE
 
@@ -26,64 +19,14 @@ COMPILED = {
 
 def compile_pipeline(out: str | os.PathLike[str] | None = None, gpus: int = 0) -> Path:
     """Write the compiled pipeline YAML (the file a user uploads in the Kubeflow UI)."""
-    from kfp import compiler
-
     from pipelines.chinese_llama_alpaca import build_pipeline
 
-    path = Path(out) if out else COMPILED[1 if gpus else 0]
-    tmp = path.with_name(f".{path.stem}.tmp.yaml")  # the compiler insists on .yaml
-    compiler.Compiler().compile(build_pipeline(gpus), str(tmp))
-    os.replace(tmp, path)
-    return path
-
-
-def _convert(name: str, tp: type, text: str) -> Any:
-    try:
-        if tp is bool:
-            return parse_bool(text)
-        if tp is list:
-            value = json.loads(text) if text.startswith("[") else parse_list(text)
-            if not isinstance(value, list):
-                raise ValueError("expected a JSON list or comma-separated items")
-            return value
-        return tp(text)
-    except (ValueError, argparse.ArgumentTypeError) as err:
-        raise InputError(f"--param {name}={text!r}: not a {tp.__name__} ({err})") from None
+    return kfp_submit.compile_pipeline(build_pipeline(gpus), Path(out) if out else COMPILED[1 if gpus else 0])
 
 
 def parse_params(pairs: list[str]) -> dict[str, Any]:
     """``name=value`` strings as typed pipeline arguments; unknown names and bad values are errors."""
-    known = {name: tp for name, tp, _ in RECIPE.pipeline_parameters()}
-    args: dict[str, Any] = {}
-    for pair in pairs:
-        name, sep, text = pair.partition("=")
-        if not sep:
-            raise InputError(f"--param {pair!r}: expected NAME=VALUE")
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=3)
-            raise InputError(
-                f"--param {name}: not a pipeline parameter" + (f" (did you mean {', '.join(close)}?)" if close else "")
-            )
-        args[name] = _convert(name, known[name], text)
-    return args
-
-
-def check_images(images: list[str]) -> dict[str, str]:
-    """Each image's state in its registry: ``present``, or ``unchecked: why`` when the registry
-    cannot say (unreachable, private without credentials). A missing tag is an error: the run
-    would fail on the cluster pulling it, or run other code under an old tag."""
-    from zhllama.core.containers import image_in_registry
-
-    states = {}
-    for image in images:
-        found, why = image_in_registry(image)
-        if found is False:
-            raise InputError(
-                f"image {image} does not exist in its registry ({why}): build and push it first "
-                f"(ZHLLAMA_IMAGE_TAG=<tag> make images images-cuda PUSH=1)"
-            )
-        states[image] = "present" if found else f"unchecked: {why}"
-    return states
+    return kfp_submit.parse_params(pairs, RECIPE.pipeline_parameters())
 
 
 def submit(
@@ -96,35 +39,18 @@ def submit(
     package: str | os.PathLike[str] | None = None,
     image_tag: str | None = None,
 ) -> dict[str, Any]:
-    """Compile, then create a run on ``host`` (auth from ``KF_PIPELINES_*`` env / kube config, as
-    ``kfp.Client`` reads them). ``image_tag``: the steps' images under that tag (CI: the commit it
-    built and pushed); every image is checked in its registry first where the registry can say.
-    ``dry_run`` returns what would be sent and sends nothing."""
-    from components.images import images_in, retag
-
+    """Compile, check the arguments and images, then create a run on ``host`` (see kfp_submit.submit)."""
     arguments = parse_params(params)
     package_path = (
         Path(package) if package else PROJECT_ROOT / ".kfp_outputs" / "submit" / COMPILED[1 if gpus else 0].name
     )
-    package_path.parent.mkdir(parents=True, exist_ok=True)
-    compile_pipeline(package_path, gpus)
-    if image_tag:
-        package_path.write_text(retag(package_path.read_text(encoding="utf-8"), image_tag), encoding="utf-8")
-    images = check_images(images_in(package_path.read_text(encoding="utf-8")))
-    plan = {
-        "host": host,
-        "experiment": experiment,
-        "run_name": run_name,
-        "package": str(package_path),
-        "arguments": arguments,
-        "images": images,
-    }
-    if dry_run:
-        return {**plan, "submitted": False}
-    import kfp
-
-    client = kfp.Client(host=host, existing_token=os.environ.get("KF_PIPELINES_TOKEN") or None)
-    run = client.create_run_from_pipeline_package(
-        str(package_path), arguments=arguments, experiment_name=experiment, run_name=run_name, enable_caching=True
+    return kfp_submit.submit(
+        host,
+        experiment,
+        arguments,
+        package_path,
+        lambda path: compile_pipeline(path, gpus),
+        run_name=run_name,
+        dry_run=dry_run,
+        image_tag=image_tag,
     )
-    return {**plan, "submitted": True, "run_id": run.run_id, "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}

@@ -47,6 +47,12 @@ def test_second_run_with_nothing_changed_is_all_cache(local_runs) -> None:
     assert set(second["step_seconds"]) == {"prerequisites"}  # the only uncached step: the cheap checks
     assert {s.rsplit("-", 1)[0] if s[-1].isdigit() else s for s in second["cached_steps"]} == STEPS - {"prerequisites"}
     assert second["total_seconds"] < 30 < first["total_seconds"]
+    # each stage's own time comes from its MLflow run: every stage has one in the first run, none in the second
+    stages = {"base", "vocab", "pretrain_stage2", "merge_pt", "sft", "merge_final", "evaluate", "register"}
+    assert stages <= set(first["stage_seconds"]) and all(s > 0 for s in first["stage_seconds"].values())
+    # a step is its stage plus start-up
+    assert sum(first["stage_seconds"].values()) < sum(first["step_seconds"].values())
+    assert second["stage_seconds"] == {}
     assert second["registered"]["latest_version"] == first["registered"]["latest_version"]  # nothing registered twice
 
 

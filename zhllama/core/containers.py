@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,6 +32,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from zhllama import __version__
@@ -522,3 +524,21 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# An image line of a compiled pipeline that names a zhllama image: indent, repository, tag.
+_IMAGE_LINE = re.compile(r"^(\s*image: )(\S+/zhllama-(?:cpu|cuda)):(\S+)$", re.MULTILINE)
+
+
+def images_in(compiled: str) -> list[str]:
+    """The zhllama images a compiled pipeline's YAML names, each once."""
+    return list(dict.fromkeys(f"{m[2]}:{m[3]}" for m in _IMAGE_LINE.finditer(compiled)))
+
+
+def retag(compiled: str, tag: str | Callable[[str], str]) -> str:
+    """The compiled YAML with its zhllama images under another tag (the commit CI pushed, or a
+    local code tag): ``tag`` is the tag, or a function of the repository giving the whole image."""
+    if not _IMAGE_LINE.search(compiled):
+        raise ValueError("the compiled pipeline names no zhllama image: compile it with `make compile`")
+    whole = tag if callable(tag) else (lambda repository: f"{repository}:{tag}")
+    return _IMAGE_LINE.sub(lambda m: f"{m[1]}{whole(m[2])}", compiled)

@@ -396,6 +396,18 @@ class PipelineRun:
             raise
         self.client.set_terminated(stage_run.run_id, "FINISHED")
 
+    def stage_seconds(self) -> dict[str, float]:
+        """Each finished stage run of this pipeline run: its name -> its duration in seconds."""
+        parent = self._find_parent()
+        if parent is None:
+            return {}
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
+            order_by=["attributes.start_time ASC"],
+        )
+        return {r.info.run_name: (r.info.end_time - r.info.start_time) / 1000 for r in runs if r.info.end_time}
+
     def backfill_lineage(self) -> dict[str, str]:
         """Give every run of this pipeline run the lineage that later stages learned."""
         from mlflow.entities import RunTag
