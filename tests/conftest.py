@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub, in 
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from zhllama.core.settings import PROJECT_ROOT, Settings  # noqa: E402
+from zhllama.core.settings import PROJECT_ROOT, Settings  # after the offline settings above
 
 SHARED_DATA = Settings().shared_dir / "data"  # ../shared/data beside the checkout, or $ZHLLAMA_SHARED_DIR/data
 
@@ -67,7 +67,7 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _free_port(_taken: set[int] = set()) -> int:  # noqa: B006 - remembers ports handed out this session
+def _free_port(_taken: set[int] = set()) -> int:  # the default remembers ports handed out this session
     """A free port whose +10000 partner (SeaweedFS's gRPC port) is free and valid too."""
     import random
 

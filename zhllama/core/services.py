@@ -192,7 +192,7 @@ def start_seaweedfs(settings: Settings, timeout: float = 60) -> None:
         try:
             ensure_buckets(settings)
             return
-        except Exception as err:  # noqa: BLE001 - botocore raises many kinds while the filer warms up
+        except Exception as err:  # botocore raises many kinds while the filer warms up
             if time.monotonic() > deadline:
                 raise ServiceError(f"object store at {settings.s3_endpoint} refused bucket creation: {err}") from err
             time.sleep(1)

@@ -20,7 +20,7 @@ def test_every_config_dataclass_is_one_stage_of_the_table() -> None:
 
 
 def test_every_stage_has_a_component_a_launcher_and_a_command() -> None:
-    commands = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps them there
+    commands = build_parser()._subparsers._group_actions[0].choices  # argparse keeps them there
     for stage in RECIPE.stages:
         assert (PROJECT_ROOT / "components" / f"{stage.name}.py").is_file(), stage.name
         assert callable(getattr(launchers, stage.name)), stage.name

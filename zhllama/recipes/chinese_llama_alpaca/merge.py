@@ -168,7 +168,7 @@ def _merge_streaming(base: Path, adapters: Sequence[Path], out_dir: Path, tokeni
             out: dict[str, torch.Tensor] = {}
             with safe_open(str(base / shard), "pt") as handle:
                 metadata = handle.metadata()
-                for key in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict  # noqa: SIM118 - a safetensors handle, not a dict
+                for key in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                     tensor = handle.get_tensor(key)
                     dtype = tensor.dtype
                     for lora, full, scaling in loaded:
