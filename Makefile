@@ -105,7 +105,7 @@ compile: components ## compile the Kubeflow pipeline YAMLs (CPU and GPU), checke
 run: ## the whole DAG on this machine through kfp.local (services, default data and base); cached steps are reused
 	@$(PY) -m zhllama.core.services status >/dev/null 2>&1 || $(MAKE) services
 	test -d data || $(MAKE) data
-	$(SERVICE_ENV) && $(PY) -m pipelines.local --preset $(PRESET) $(RUN_ARGS)
+	$(SERVICE_ENV) && $(PY) -m pipelines.local --preset $(PRESET) $(if $(filter configs/default.yaml,$(PRESET)),--readme README.md) $(RUN_ARGS)
 
 bench: ## zhllama vs the seed-literal recipe baseline, and merge, vocab, scale, pipeline figures (~18 min; runs/bench/bench.md; BENCH_ARGS="--pipeline_full" times make run itself)
 	@$(PY) -m zhllama.core.services status >/dev/null 2>&1 || $(MAKE) services

@@ -1,5 +1,5 @@
-"""Scores base, PT-merged and final models on the held-out splits; the report renders in the Kubeflow
-UI.
+"""Scores base, PT-merged and final models (and the base-vocabulary PT, when given) on the held-out
+splits; the report renders in the Kubeflow UI.
 
 Written by `make components` from zhllama/recipes/chinese_llama_alpaca/stages.py (the stage table)
 and the config dataclasses; edit those, not this file. tests/components/test_generated.py
@@ -35,9 +35,14 @@ def evaluate(
     max_new_tokens: int = 64,
     seed: int = 0,
     num_threads: int = 0,
+    mcq_dir: str = "",
+    mcq_split: str = "auto",
+    mcq_shots: int = 5,
+    mcq_max_per_subject: int = 0,
+    pt_base_vocab: Input[Model] = None,
 ) -> None:
-    """Scores base, PT-merged and final models on the held-out splits; the report renders in the Kubeflow
-    UI."""
+    """Scores base, PT-merged and final models (and the base-vocabulary PT, when given) on the held-out
+    splits; the report renders in the Kubeflow UI."""
     from zhllama.recipes.chinese_llama_alpaca import launchers
     from zhllama.recipes.chinese_llama_alpaca.configs import EvalConfig
 
@@ -52,6 +57,10 @@ def evaluate(
         max_new_tokens=max_new_tokens,
         seed=seed,
         num_threads=num_threads,
+        mcq_dir=mcq_dir,
+        mcq_split=mcq_split,
+        mcq_shots=mcq_shots,
+        mcq_max_per_subject=mcq_max_per_subject,
     )
     launchers.evaluate(
         data,
@@ -65,6 +74,7 @@ def evaluate(
         report,
         metrics,
         config,
+        pt_base_vocab=pt_base_vocab,
         mlflow_tracking_uri=mlflow_tracking_uri,
         mlflow_experiment=mlflow_experiment,
     )

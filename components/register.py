@@ -21,6 +21,9 @@ def register(
     promotion_metrics: list = ["sft_test_loss:min", "task_accuracy_loglik:max"],
     min_improvement: float = 0.0,
     max_regression: float = 0.01,
+    floor: bool = True,
+    floor_thresholds: list = ["task_accuracy_loglik>=0.6"],
+    floor_margin_over_majority: float = 0.1,
     lock_timeout: float = 120.0,
 ) -> str:
     """A new registered version with alias challenger; champion moves only when the gate passes."""
@@ -32,6 +35,9 @@ def register(
         promotion_metrics=promotion_metrics,
         min_improvement=min_improvement,
         max_regression=max_regression,
+        floor=floor,
+        floor_thresholds=floor_thresholds,
+        floor_margin_over_majority=floor_margin_over_majority,
         lock_timeout=lock_timeout,
     )
     return launchers.register(

@@ -43,9 +43,12 @@ def sft(
     lora_dropout: float = 0.05,
     lora_target_modules: list = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     modules_to_save: list = ["embed_tokens", "lm_head"],
+    modules_to_save_learning_rate: float = 0.0,
     max_seq_length: int = 512,
     group_by_length: bool = True,
     max_eval_examples: int = 200,
+    text_mix_share: float = 0.0,
+    text_mix_tokens: int = 64,
 ) -> None:
     """SFT from the PT-merged model: prompt masked out of the loss, [PAD] added, eval on the validation
     split."""
@@ -75,9 +78,12 @@ def sft(
         lora_dropout=lora_dropout,
         lora_target_modules=lora_target_modules,
         modules_to_save=modules_to_save,
+        modules_to_save_learning_rate=modules_to_save_learning_rate,
         max_seq_length=max_seq_length,
         group_by_length=group_by_length,
         max_eval_examples=max_eval_examples,
+        text_mix_share=text_mix_share,
+        text_mix_tokens=text_mix_tokens,
     )
     launchers.sft(
         model,

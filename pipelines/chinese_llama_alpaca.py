@@ -2,6 +2,7 @@
 
     prerequisites -> data -> base -> vocab -> [pretrain stage 1] -> pretrain stage 2 -> merge_pt
                   -> sft -> merge_final -> evaluate -> register (gated promotion)
+                  [base -> pretrain with the base vocabulary -> merge -> evaluate: the ablation]
 
 Wiring only: every step is a component over zhllama, every knob a pipeline parameter: the
 signature is pipelines/signature.py, written with the components from the recipe's stage table
@@ -111,31 +112,29 @@ def build_pipeline(gpus: int = 0, code_version: str | None = None):
         )
         pt = {**by_stage["pretrain"], **track, **scale}
 
+        def pretrained(stage: int, display: str, base_model_in, vocab_in, **more: Any) -> dsl.PipelineTask:
+            task = pretrain_op(
+                base_model=base_model_in, vocab=vocab_in, data=dataset.outputs["dataset"], stage=stage, **{**pt, **more}
+            )
+            return _cluster(task.set_display_name(display), TRAIN_STEP, gpus)
+
+        def merged(display: str, base_model_in, adapter_run, **more: Any) -> dsl.PipelineTask:
+            task = merge(
+                base_model=base_model_in,
+                adapter_run=adapter_run,
+                stage_name=display.replace("-", "_"),
+                **by_stage["merge"],
+                **track,
+                **more,
+            )
+            return _cluster(task.set_display_name(display), MERGE_STEP)
+
         def after_pretraining(pt_base, pt_base_subdir: str) -> None:
             """Stage 2, merges, SFT, evaluation and registration: the same in both branches."""
-            stage2 = _cluster(
-                pretrain_op(
-                    base_model=pt_base,
-                    base_model_subdir=pt_base_subdir,
-                    vocab=tokenizer.outputs["tokenizer"],
-                    data=dataset.outputs["dataset"],
-                    stage=2,
-                    **pt,
-                ).set_display_name("pretrain-stage2"),
-                TRAIN_STEP,
-                gpus,
+            stage2 = pretrained(
+                2, "pretrain-stage2", pt_base, tokenizer.outputs["tokenizer"], base_model_subdir=pt_base_subdir
             )
-            merged_pt = _cluster(
-                merge(
-                    base_model=pt_base,
-                    base_model_subdir=pt_base_subdir,
-                    adapter_run=stage2.outputs["run"],
-                    stage_name="merge_pt",
-                    **by_stage["merge"],
-                    **track,
-                ).set_display_name("merge-pt"),
-                MERGE_STEP,
-            )
+            merged_pt = merged("merge-pt", pt_base, stage2.outputs["run"], base_model_subdir=pt_base_subdir)
             tuned = _cluster(
                 sft_op(
                     model=merged_pt.outputs["merged"],
@@ -147,52 +146,53 @@ def build_pipeline(gpus: int = 0, code_version: str | None = None):
                 TRAIN_STEP,
                 gpus,
             )
-            final = _cluster(
-                merge(
-                    base_model=merged_pt.outputs["merged"],
-                    adapter_run=tuned.outputs["run"],
-                    stage_name="merge_final",
-                    **by_stage["merge"],
-                    **track,
-                ).set_display_name("merge-final"),
-                MERGE_STEP,
-            )
-            scored = _cluster(
-                evaluate(
-                    data=dataset.outputs["dataset"],
-                    base_model=base_model.outputs["model"],
-                    pt_merged=merged_pt.outputs["merged"],
-                    final=final.outputs["merged"],
-                    vocab=tokenizer.outputs["tokenizer"],
-                    pt_run=stage2.outputs["run"],
-                    sft_run=tuned.outputs["run"],
-                    **by_stage["evaluate"],
-                    **track,
-                ),
-                MERGE_STEP,
-            )
-            _cluster(
-                register(
-                    final=final.outputs["merged"],
-                    evaluation=scored.outputs["evaluation"],
-                    **by_stage["register"],
-                    **track,
-                ),
-                CPU_STEP,
-            )
+            final = merged("merge-final", merged_pt.outputs["merged"], tuned.outputs["run"])
+
+            def evaluate_and_register(**ablation: Any) -> None:
+                scored = _cluster(
+                    evaluate(
+                        data=dataset.outputs["dataset"],
+                        base_model=base_model.outputs["model"],
+                        pt_merged=merged_pt.outputs["merged"],
+                        final=final.outputs["merged"],
+                        vocab=tokenizer.outputs["tokenizer"],
+                        pt_run=stage2.outputs["run"],
+                        sft_run=tuned.outputs["run"],
+                        **ablation,
+                        **by_stage["evaluate"],
+                        **track,
+                    ),
+                    MERGE_STEP,
+                )
+                _cluster(
+                    register(
+                        final=final.outputs["merged"],
+                        evaluation=scored.outputs["evaluation"],
+                        **by_stage["register"],
+                        **track,
+                    ),
+                    CPU_STEP,
+                )
+
+            with dsl.If(p["pt_base_vocab_ablation"] == True, name="with-base-vocab-ablation"):  # noqa: E712 - a KFP condition
+                # Stage 2 from the raw base with its own vocabulary (no merge): the same steps and tokens.
+                raw = base_model.outputs["model"]
+                ablation = pretrained(
+                    2, "pretrain-base-vocab", raw, raw, vocab_subdir="", stage_name="pretrain_base_vocab"
+                )
+                evaluate_and_register(
+                    pt_base_vocab=merged("merge-base-vocab", raw, ablation.outputs["run"]).outputs["merged"]
+                )
+            with dsl.Else(name="without-ablation"):
+                evaluate_and_register()
 
         with dsl.If(p["pt_stage1"] == True, name="pt-stage1-then-stage2"):  # noqa: E712 - a KFP condition, not a Python comparison
-            stage1_args = {**pt, "max_steps": p["pt_stage1_max_steps"]}
-            stage1 = _cluster(
-                pretrain_op(
-                    base_model=base_model.outputs["model"],
-                    vocab=tokenizer.outputs["tokenizer"],
-                    data=dataset.outputs["dataset"],
-                    stage=1,
-                    **stage1_args,
-                ).set_display_name("pretrain-stage1"),
-                TRAIN_STEP,
-                gpus,
+            stage1 = pretrained(
+                1,
+                "pretrain-stage1",
+                base_model.outputs["model"],
+                tokenizer.outputs["tokenizer"],
+                max_steps=p["pt_stage1_max_steps"],
             )
             after_pretraining(stage1.outputs["run"], "model")
         with dsl.Else(name="pt-stage2-only"):

@@ -35,6 +35,8 @@ OUTPUTS = PROJECT_ROOT / ".kfp_outputs"
 CACHE = PROJECT_ROOT / ".kfp_cache"
 COMPILED = Path(__file__).resolve().parent / "chinese_llama_alpaca.yaml"
 MOUNTED_BASE_TOKENIZER = "/opt/zhllama-inputs/base-tokenizer.model"
+README_BEGIN = "<!-- default-run: written by `make run` from the run's own evaluation; do not edit -->"
+README_END = "<!-- /default-run -->"
 
 
 def run_local(
@@ -120,6 +122,8 @@ def where_to_look(run_id: str, arguments: dict[str, Any], pipeline_root: Path) -
         key=lambda p: p.stat().st_mtime,
     )
     found["evaluation"] = json.loads(scores[-1].read_text(encoding="utf-8")) if scores else None
+    evaluations = sorted(pipeline_root.rglob("evaluation/metrics.json"), key=lambda p: p.stat().st_mtime)
+    found["evaluation_metrics"] = str(evaluations[-1]) if evaluations else None
     try:
         tracker = tracking.PipelineRun(run_id=run_id, experiment=arguments.get("mlflow_experiment"))
         parent = tracker._find_parent()
@@ -139,10 +143,38 @@ def where_to_look(run_id: str, arguments: dict[str, Any], pipeline_root: Path) -
             "latest_aliases": list(latest.aliases) if latest else [],
             "champion": champion.version if champion else None,
             "tracking_uri": tracker.uri,
+            "decision": latest.tags.get(registry.DECISION_TAG) if latest else None,
+            "reason": latest.tags.get("promotion.reason") if latest else None,
         }
     except tracking.TrackingError as err:
         found["mlflow_run"] = str(err)
     return found
+
+
+def verdict_lines(evaluation: dict[str, Any] | None) -> list[str]:
+    """The headline of the evaluation, from the evaluate step's metrics: accuracy against the
+    majority baseline, and bits/char after SFT against after PT."""
+    flat = {m["name"]: m["numberValue"] for m in (evaluation or {}).get("metrics", []) if "numberValue" in m}
+    flat = flat or (evaluation or {})
+    lines = []
+    if {"task_accuracy_loglik", "task_majority_share"} <= set(flat):
+        acc, majority = flat["task_accuracy_loglik"], flat["task_majority_share"]
+        word = "beat" if acc > majority else "DID NOT BEAT"
+        lines.append(
+            f"task             accuracy {acc:.3f}: {word} the majority baseline {majority:.3f} ({acc - majority:+.3f})"
+        )
+    if {"final_bits_per_char", "pt_merged_bits_per_char"} <= set(flat):
+        ratio = flat["final_bits_per_char"] / flat["pt_merged_bits_per_char"] - 1
+        lines.append(
+            f"language model   {flat['final_bits_per_char']:.3f} bits/char after SFT, {flat['pt_merged_bits_per_char']:.3f} "
+            f"after PT ({ratio:+.1%})"
+            + (
+                f"; base vocabulary only: {flat['pt_base_vocab_bits_per_char']:.3f}"
+                if "pt_base_vocab_bits_per_char" in flat
+                else ""
+            )
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run the compiled YAML, each step in a container (make run-containers)",
     )
     parser.add_argument("--pipeline-yaml", default=str(COMPILED), help="the compiled pipeline --containers runs")
+    parser.add_argument(
+        "--readme",
+        default=None,
+        help="rewrite this file's default-run block (between its markers) with the run's own figures",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
@@ -195,15 +232,51 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  cached (reused): {', '.join(result['cached_steps'])}")
     print(f"MLflow run       {result.get('mlflow_run')}")
     print(f"report           {result.get('report')}")
+    for line in verdict_lines(result.get("evaluation")):
+        print(line)
     reg = result.get("registered") or {}
     if reg:
         print(
             f"registered       {reg['model']} version {reg['latest_version']} aliases {reg['latest_aliases']}; "
             f"champion = version {reg['champion']} (models:/{reg['model']}@champion at {reg['tracking_uri']})"
         )
+        if reg.get("decision"):
+            print(f"promotion        {reg['decision']}: {reg['reason']}")
+        if reg["latest_version"] and "champion" not in reg["latest_aliases"]:
+            print(
+                f"NOT CHAMPION     version {reg['latest_version']} did not take champion"
+                + (f"; champion stays version {reg['champion']}" if reg["champion"] else "; there is no champion")
+            )
     if args.summary:
         Path(args.summary).write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    if args.readme and result.get("evaluation_metrics"):
+        update_readme(Path(args.readme), result)
+        print(f"readme           {args.readme}: the default-run block now shows this run's figures")
     return 0
+
+
+def update_readme(path: Path, result: dict[str, Any]) -> None:
+    """Replace the block between README_BEGIN and README_END with this run's figures (written whole)."""
+    from zhllama.core.io import atomic_file, read_json
+    from zhllama.recipes.chinese_llama_alpaca.report import readme_block
+
+    text = path.read_text(encoding="utf-8")
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"{path}: no {README_BEGIN} ... {README_END} block to rewrite")
+    reg = result.get("registered") or {}
+    block = readme_block(
+        read_json(result["evaluation_metrics"]),
+        {
+            "total_seconds": result["total_seconds"],
+            "pipeline_run_id": result["pipeline_run_id"],
+            "decision": reg.get("decision"),
+            "reason": reg.get("reason"),
+            "steps": result["step_seconds"],
+        },
+    )
+    with atomic_file(path) as handle:
+        handle.write(text[: begin + len(README_BEGIN)] + "\n" + block + "\n" + text[end:])
 
 
 if __name__ == "__main__":

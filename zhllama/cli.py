@@ -84,7 +84,14 @@ def cmd_base(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = _config(args, "pretrain")
     metrics = runs.pretrain(
-        args.base_model, args.tokenizer, args.train, args.out, cfg, resume=args.resume, where=_where(args)
+        args.base_model,
+        args.tokenizer,
+        args.train,
+        args.out,
+        cfg,
+        resume=args.resume,
+        name=args.stage_name,
+        where=_where(args),
     )
     _print_train_summary(metrics, args.out)
     return 0
@@ -92,7 +99,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_sft(args: argparse.Namespace) -> int:
     cfg = _config(args, "sft")
-    metrics = runs.sft(args.model, args.train, args.valid, args.out, cfg, resume=args.resume, where=_where(args))
+    metrics = runs.sft(
+        args.model,
+        args.train,
+        args.valid,
+        args.out,
+        cfg,
+        resume=args.resume,
+        where=_where(args),
+        text_files=[args.mix_text] if args.mix_text else [],
+    )
     _print_train_summary(metrics, args.out)
     return 0
 
@@ -278,10 +294,19 @@ def _base_io(p: argparse.ArgumentParser) -> None:
 
 def _pretrain_io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base_model", default="runs/base", help="Hugging Face LLaMA-family model directory")
-    p.add_argument("--tokenizer", default="runs/vocab/tokenizer", help="merged tokenizer directory (vocab stage)")
+    p.add_argument(
+        "--tokenizer",
+        default="runs/vocab/tokenizer",
+        help="merged tokenizer directory (vocab stage); the base model's own for the base-vocabulary ablation",
+    )
     p.add_argument("--train", nargs="+", default=["data/corpus/train.txt"], help="plain-text corpus files")
     p.add_argument("--out", default="runs/pt")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --out")
+    p.add_argument(
+        "--stage_name",
+        default="",
+        help="the MLflow run name; empty: pretrain_stage1/2 (pretrain_base_vocab for the ablation)",
+    )
 
 
 def _merge_io(p: argparse.ArgumentParser) -> None:
@@ -298,6 +323,9 @@ def _sft_io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--valid", default="data/sft/valid.json")
     p.add_argument("--out", default="runs/sft")
     p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--mix_text", default="data/corpus/train.txt", help="corpus text replayed when text_mix_share > 0 ('' for none)"
+    )
 
 
 def _evaluate_io(p: argparse.ArgumentParser) -> None:

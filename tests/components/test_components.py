@@ -51,9 +51,10 @@ def test_parameters_mirror_the_config_dataclass(stage, kind) -> None:
     parameters = {k for k, v in inputs.items() if v.type in KFP_TYPES.values()}
     assert parameters == {name for name, _, _ in fields} | declared
     artifacts = set(inputs) - parameters
-    assert artifacts == set(stage.inputs), (
-        f"{stage.name}: artifact inputs {artifacts} != the table's {set(stage.inputs)}"
+    assert artifacts == set(stage.inputs) | set(stage.optional_inputs), (
+        f"{stage.name}: artifact inputs {artifacts} != the table's {set(stage.inputs) | set(stage.optional_inputs)}"
     )
+    assert {name for name in artifacts if inputs[name].optional} == set(stage.optional_inputs)
 
 
 @pytest.mark.parametrize(("stage", "kind"), VARIANTS, ids=IDS)
@@ -118,6 +119,8 @@ PREREQUISITE_CASES = [
     ("negative stage-1 steps", {"pt_stage1_max_steps": -1}, "pt_stage1_max_steps must be >= 0"),
     ("unknown gate metric", {"register_promotion_metrics": ["bleu:max"]}, "'bleu' is not an evaluation metric"),
     ("malformed gate metric", {"register_promotion_metrics": ["sft_test_loss:up"]}, "expected NAME:max or NAME:min"),
+    ("unknown floor metric", {"register_floor_thresholds": ["bleu>=0.3"]}, "'bleu' is not an evaluation metric"),
+    ("malformed floor", {"register_floor_thresholds": ["task_accuracy_loglik=0.6"]}, "NAME>=NUMBER or NAME<=NUMBER"),
 ]
 
 

@@ -51,7 +51,7 @@ def test_base_model_from_s3(services, s3_env, tiny_base: Path, tmp_path: Path) -
     }
     original = {p.relative_to(tiny_base).as_posix(): p.read_bytes() for p in tiny_base.rglob("*") if p.is_file()}
     assert fetched == original
-    with pytest.raises(InputError, match="no model folder"):
+    with pytest.raises(InputError, match="no folder there"):
         fetch_model(f"s3://{services.mlflow_bucket}/models/absent-{uuid.uuid4().hex[:6]}", tmp_path / "none")
     assert not (tmp_path / "none").exists()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.exceptions import MlflowException
 
-from tests.conftest import TINY_PRESET
+from tests.conftest import TINY_PRESET, tiny_config
 from zhllama import cli
 from zhllama.core import registry, tracking
 from zhllama.core import services as svc
@@ -175,7 +175,7 @@ def test_registered_champion_loads_and_generates(server_tracking, tmp_path, tiny
     import mlflow
 
     name = _name()
-    result = _register(tiny_final, eval_run, RegisterConfig(model_name=name))
+    result = _register(tiny_final, eval_run, tiny_config("register", model_name=name))
     assert result["version"] == "1" and result["decision"] == "promoted"
     mlflow.set_tracking_uri(server_tracking)
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
@@ -193,7 +193,7 @@ def test_worse_version_is_challenger_better_one_takes_champion_manual_promotion(
     server_tracking, tmp_path, tiny_final, eval_run
 ) -> None:
     name = _name()
-    cfg = RegisterConfig(model_name=name)
+    cfg = tiny_config("register", model_name=name)
     base = read_json(eval_run / "metrics.json")["summary"]
     first = _register(tiny_final, eval_run, cfg)
     worse = _register(tiny_final, _eval_with(eval_run, tmp_path, sft_test_loss=base["sft_test_loss"] + 0.5), cfg)
@@ -220,6 +220,31 @@ def test_worse_version_is_challenger_better_one_takes_champion_manual_promotion(
     assert cli.main(["promote", "--model_name", name, "--version", "99", "--reason", "x"]) == 2
 
 
+def test_the_floor_refuses_a_chance_level_first_version_then_a_good_one_takes_champion(
+    server_tracking, tmp_path, tiny_final, eval_run
+) -> None:
+    """No champion yet, and still a model at the majority share is not promoted: it stays challenger
+    with the reason tagged. A good one (accuracy 0.2 above the majority share) then takes champion."""
+    name = _name()
+    cfg = RegisterConfig(model_name=name)  # the default floor: accuracy >= 0.6 and >= majority + 0.1
+    chance = _register(
+        tiny_final, _eval_with(eval_run, tmp_path, task_accuracy_loglik=0.54, task_majority_share=0.54), cfg
+    )
+    client = tracking.client()
+    assert chance["promoted"] is False and chance["below_floor"] is True
+    assert chance["decision"].startswith("challenger only: below the floor")
+    assert registry.champion_version(client, name) is None
+    version = client.get_model_version(name, chance["version"])
+    assert version.aliases == ["challenger"] and version.tags[registry.FLOOR_TAG] == "failed"
+    assert "minimum absolute change check failed" in version.tags["promotion.reason"]
+    good = _register(
+        tiny_final, _eval_with(eval_run, tmp_path, task_accuracy_loglik=0.84, task_majority_share=0.54), cfg
+    )
+    assert good["promoted"] is True and "above the floor" in good["reason"]
+    assert client.get_model_version_by_alias(name, "champion").version == good["version"]
+    assert client.get_model_version(name, good["version"]).tags[registry.FLOOR_TAG] == "passed"
+
+
 def test_failure_after_version_creation_leaves_no_version(server_tracking, tiny_final, eval_run, monkeypatch) -> None:
     name = _name()
 
@@ -228,7 +253,7 @@ def test_failure_after_version_creation_leaves_no_version(server_tracking, tiny_
 
     monkeypatch.setattr(registry, "_promote_by_gate", broken)
     with pytest.raises(ConnectionError):
-        _register(tiny_final, eval_run, RegisterConfig(model_name=name))
+        _register(tiny_final, eval_run, tiny_config("register", model_name=name))
     assert _versions(tracking.client(), name) == []
 
 
@@ -326,7 +351,7 @@ def test_server_down_clear_error_no_version_then_retry_registers_once(
         svc.start_mlflow(services)
     client = tracking.client()
     assert _versions(client, name) == []
-    result = _register(tiny_final, eval_run, RegisterConfig(model_name=name))
+    result = _register(tiny_final, eval_run, tiny_config("register", model_name=name))
     assert [v.version for v in _versions(client, name)] == [result["version"]] == ["1"]
 
 
@@ -343,7 +368,7 @@ def test_fault_server_dies_during_registration_then_retry_registers_once(
     name = _name()
     base = read_json(eval_run / "metrics.json")["summary"]["sft_test_loss"]
     first = _register(
-        tiny_final, _eval_with(eval_run, tmp_path, sft_test_loss=base + 1.0), RegisterConfig(model_name=name)
+        tiny_final, _eval_with(eval_run, tmp_path, sft_test_loss=base + 1.0), tiny_config("register", model_name=name)
     )
     better = _eval_with(eval_run, tmp_path, sft_test_loss=base - 1.0)
     run_id = f"outage-{uuid.uuid4().hex[:6]}"
@@ -369,7 +394,7 @@ def test_fault_server_dies_during_registration_then_retry_registers_once(
     try:
         started = time.monotonic()
         with pytest.raises(registry.RegistryError, match="stopped answering during registration") as failure:
-            _register(tiny_final, better, RegisterConfig(model_name=name))
+            _register(tiny_final, better, tiny_config("register", model_name=name))
         assert "re-running this registration" in str(failure.value)
         assert time.monotonic() - started < 120
     finally:
@@ -384,7 +409,7 @@ def test_fault_server_dies_during_registration_then_retry_registers_once(
     assert (
         cli.main(["promote", "--model_name", name, "--version", left[0].version, "--reason", "x"]) == 2
     )  # and refused
-    result = _register(tiny_final, better, RegisterConfig(model_name=name))
+    result = _register(tiny_final, better, tiny_config("register", model_name=name))
     versions = _versions(client, name)
     assert [v.version for v in versions] == [first["version"], result["version"]]
     assert all(v.tags[registry.STATE_TAG] == "ready" for v in versions)

@@ -49,8 +49,8 @@ def _signature_lines(params: list[tuple[str, Any, Any]], indent: str = "    ") -
 
 def component_source(recipe: Recipe, stage: Stage, table: str, launchers: str) -> str:
     """One stage's component module: a typed function whose body builds the config and makes one call."""
-    artifact_types = sorted({*stage.inputs.values(), *stage.outputs.values()})
-    kinds = ["Input"] * bool(stage.inputs) + ["Output"] * bool(stage.outputs)
+    artifact_types = sorted({*stage.inputs.values(), *stage.optional_inputs.values(), *stage.outputs.values()})
+    kinds = ["Input"] * bool(stage.inputs or stage.optional_inputs) + ["Output"] * bool(stage.outputs)
     tracking = [(n, tp, d) for n, tp, d, _ in recipe.tracking_parameters]
     extra = [(n, tp, d) for n, tp, d, _ in stage.parameters]
     fields = [] if stage.config is None else [(n, tp, d) for n, tp, d in _fields(stage)]
@@ -68,6 +68,7 @@ def component_source(recipe: Recipe, stage: Stage, table: str, launchers: str) -
     lines += [f"    {name}: Input[{kind}]," for name, kind in stage.inputs.items()]
     lines += [f"    {name}: Output[{kind}]," for name, kind in stage.outputs.items()]
     lines += _signature_lines(params)
+    lines += [f"    {name}: Input[{kind}] = None," for name, kind in stage.optional_inputs.items()]
     package, _, module = launchers.rpartition(".")
     imports = [(package, module)]
     if stage.config is not None:
@@ -87,7 +88,7 @@ def component_source(recipe: Recipe, stage: Stage, table: str, launchers: str) -
         else:
             lines += [""]
         args = [*stage.inputs, *stage.outputs] + (["config"] if stage.config is not None else [])
-        kwargs = [name for name, _, _ in (*extra, *tracking)]
+        kwargs = [*stage.optional_inputs, *(name for name, _, _ in (*extra, *tracking))]
         lines += [f"    {call_prefix}{module}.{stage.name}("]
         lines += [f"        {name}," for name in args]
         lines += [f"        {name}={name}," for name in kwargs]

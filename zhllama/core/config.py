@@ -178,8 +178,28 @@ class TrainArgs:
             raise ValueError(f"{type(self).__name__}: set max_steps > 0 or num_train_epochs > 0")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"{type(self).__name__}.warmup_ratio must be in [0, 1)")
+
+    def learning_rate_for(self, parameter_name: str) -> float:
+        """The peak learning rate of one parameter (by its name in the model); a recipe's
+        settings may give some parameters their own."""
+        return self.learning_rate
         if self.precision not in {"fp32", "bf16", "fp16"}:
             raise ValueError(f"{type(self).__name__}.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+
+
+FLOOR_OPERATORS = (">=", "<=")
+
+
+def parse_floor_threshold(spec: str) -> tuple[str, str, float]:
+    """``name>=0.6`` or ``name<=2.5`` -> (name, operator, value)."""
+    for op in FLOOR_OPERATORS:
+        name, sep, value = spec.partition(op)
+        if sep:
+            try:
+                return name.strip(), op, float(value)
+            except ValueError:
+                break
+    raise ValueError(f"floor threshold {spec!r}: expected NAME>=NUMBER or NAME<=NUMBER")
 
 
 def parse_promotion_metric(spec: str) -> tuple[str, str]:
@@ -206,6 +226,21 @@ class RegisterConfig:
     max_regression: float = doc(
         "Largest loss on a metric that still passes the gate (absolute: nats, or accuracy share).", default=0.01
     )
+    floor: bool = doc(
+        "Apply the floor below (floor_thresholds, floor_margin_over_majority) before any comparison; off only for "
+        "machinery checks on models not meant to learn (configs/tiny.yaml).",
+        default=True,
+    )
+    floor_thresholds: list[str] = doc(
+        "Absolute thresholds a version must pass to take champion, the first one too (NAME>=X or NAME<=X on "
+        "the evaluation summary; checked with mlflow.validate_evaluation_results); else it stays challenger.",
+        default_factory=lambda: ["task_accuracy_loglik>=0.6"],
+    )
+    floor_margin_over_majority: float = doc(
+        "task_accuracy_loglik must beat task_majority_share (the accuracy of always giving the test split's "
+        "commonest answer) by at least this to take champion; 0 = merely beat it.",
+        default=0.1,
+    )
     lock_timeout: float = doc(
         "Seconds a promotion lock may stay unchanged before it counts as stale (its holder died) and is "
         "broken; a registration gives up after twice this.",
@@ -219,6 +254,10 @@ class RegisterConfig:
             raise ValueError("RegisterConfig.promotion_metrics must name at least one metric")
         for spec in self.promotion_metrics:
             parse_promotion_metric(spec)
-        if self.min_improvement < 0 or self.max_regression < 0:
-            raise ValueError("RegisterConfig.min_improvement and max_regression must be >= 0")
+        for spec in self.floor_thresholds:
+            parse_floor_threshold(spec)
+        if self.min_improvement < 0 or self.max_regression < 0 or self.floor_margin_over_majority < 0:
+            raise ValueError(
+                "RegisterConfig.min_improvement, max_regression and floor_margin_over_majority must be >= 0"
+            )
         positive(self, "lock_timeout")

@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +159,33 @@ def sha256_files(paths: Iterable[str | os.PathLike[str]]) -> str:
     for path in paths:
         digest.update(sha256_file(path).encode())
     return digest.hexdigest()
+
+
+def fetch_dir(uri: str, out_dir: str | os.PathLike[str], check: Callable[[Path], Any] | None = None) -> Path:
+    """Copy a folder into ``out_dir``, whole or not at all: a local path, or any URL fsspec
+    reads (``s3://bucket/prefix`` with credentials and endpoint from the environment; ``gs://``
+    and others when their fsspec package is installed). ``check`` sees the copy before it
+    lands and raises to refuse it."""
+    with atomic_dir(out_dir) as tmp:
+        if "://" in uri:
+            import fsspec
+
+            options = (
+                {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}
+                if (uri.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"))
+                else {}
+            )
+            try:
+                fs, root = fsspec.core.url_to_fs(uri, **options)
+                if not fs.isdir(root):
+                    raise InputError(f"{uri}: no folder there")
+                fs.get(root.rstrip("/") + "/", str(tmp), recursive=True)
+            except (ImportError, ValueError) as err:
+                raise InputError(f"{uri}: cannot read this URL ({err})") from None
+        else:
+            if not Path(uri).is_dir():
+                raise InputError(f"{uri}: folder not found")
+            shutil.copytree(uri, tmp, dirs_exist_ok=True)
+        if check is not None:
+            check(tmp)
+    return Path(out_dir)

@@ -30,7 +30,8 @@ class Stage:
     """One row of a recipe's stage table.
 
     ``inputs``/``outputs`` map a component's artifact argument to its KFP artifact type
-    (``Model``, ``Dataset``, ``Artifact``, ``Metrics``, ``HTML``); ``parameters`` are the
+    (``Model``, ``Dataset``, ``Artifact``, ``Metrics``, ``HTML``); ``optional_inputs`` are
+    artifacts a run may leave out (the DAG passes them in one branch of a condition); ``parameters`` are the
     component's own parameters beyond the config's fields, as (name, type, default, help);
     ``dag_set`` are config fields the DAG sets itself, with the value a preset may repeat
     (never pipeline parameters).
@@ -43,6 +44,7 @@ class Stage:
     config: type | None = None
     inputs: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
+    optional_inputs: dict[str, str] = field(default_factory=dict)
     parameters: tuple[tuple[str, type, Any, str], ...] = ()
     dag_set: dict[str, Any] = field(default_factory=dict)
     metrics: tuple[Metric, ...] = ()

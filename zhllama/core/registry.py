@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from zhllama.core import tracking
-from zhllama.core.config import RegisterConfig, parse_promotion_metric
+from zhllama.core.config import RegisterConfig, parse_floor_threshold, parse_promotion_metric
 from zhllama.core.io import InputError, read_json
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,10 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 STATE_TAG = "zhllama.state"  # pending while a registration is under way, ready when whole
 METRIC_TAG = "metric."
 DECISION_TAG = "promotion.decision"
+FLOOR_TAG = "promotion.floor"
+# The floor's margin compares these two summary metrics: the task accuracy, and the accuracy of
+# the majority-class baseline (always the test split's commonest answer).
+ACCURACY_METRIC, MAJORITY_METRIC = "task_accuracy_loglik", "task_majority_share"
 
 
 class RegistryError(RuntimeError):
@@ -55,13 +59,61 @@ def version_metrics(version) -> dict[str, float]:
     return {k[len(METRIC_TAG) :]: float(v) for k, v in version.tags.items() if k.startswith(METRIC_TAG)}
 
 
+def floor_metrics(cfg: RegisterConfig) -> list[str]:
+    """The summary metrics the floor reads."""
+    names = [parse_floor_threshold(spec)[0] for spec in cfg.floor_thresholds]
+    return list(dict.fromkeys([*names, ACCURACY_METRIC, MAJORITY_METRIC]))
+
+
+def floor(candidate: dict[str, float], cfg: RegisterConfig) -> tuple[bool, str]:
+    """(passes?, reason): the absolute thresholds, and the task accuracy at least
+    ``floor_margin_over_majority`` above the majority-class baseline, checked by MLflow's
+    ``validate_evaluation_results`` (the baseline is the majority "model")."""
+    from mlflow.models import MetricThreshold
+    from mlflow.models.evaluation import EvaluationResult
+    from mlflow.models.evaluation.validation import ModelValidationFailedException
+
+    import mlflow
+
+    thresholds: dict[str, dict[str, Any]] = {}
+    for spec in cfg.floor_thresholds:
+        name, op, value = parse_floor_threshold(spec)
+        thresholds[name] = {"threshold": value, "greater_is_better": op == ">="}
+    margin = {"min_absolute_change": max(cfg.floor_margin_over_majority, 1e-9), "greater_is_better": True}
+    if thresholds.get(ACCURACY_METRIC, {}).get("greater_is_better", True):
+        thresholds[ACCURACY_METRIC] = {**thresholds.get(ACCURACY_METRIC, {}), **margin}
+    else:
+        raise InputError(f"floor threshold on {ACCURACY_METRIC} must be >=: higher accuracy is better")
+    metrics = {k: float(v) for k, v in candidate.items()}
+    # The baseline "model" answers the majority class; on the other metrics only absolute thresholds
+    # apply (MLflow looks every metric up in the baseline, so it carries the candidate's own values).
+    baseline = {**metrics, ACCURACY_METRIC: float(candidate[MAJORITY_METRIC])}
+    try:
+        mlflow.validate_evaluation_results(
+            {name: MetricThreshold(**kw) for name, kw in thresholds.items()},
+            EvaluationResult(metrics, {}, run_id=""),
+            EvaluationResult(baseline, {}, run_id=""),
+        )
+    except ModelValidationFailedException as err:
+        failed = " ".join(str(err.message).split())
+        return False, f"below the floor (majority share {baseline[ACCURACY_METRIC]:.3f}): {failed}"
+    return True, (
+        f"above the floor ({ACCURACY_METRIC} {metrics[ACCURACY_METRIC]:.3f}, majority share "
+        f"{baseline[ACCURACY_METRIC]:.3f}, margin {cfg.floor_margin_over_majority}; {', '.join(cfg.floor_thresholds)})"
+    )
+
+
 def gate(
     candidate: dict[str, float], champion: dict[str, float] | None, cfg: RegisterConfig
 ) -> tuple[bool, str, dict[str, Any]]:
-    """(promote?, reason, compared figures). The challenger must lose on no listed metric by more
-    than ``max_regression`` and gain at least ``min_improvement`` (and more than 0) on one."""
+    """(promote?, reason, compared figures). The challenger must pass the floor (even with no
+    champion yet), lose on no listed metric by more than ``max_regression`` and gain at least
+    ``min_improvement`` (and more than 0) on one."""
+    passes, why = floor(candidate, cfg) if cfg.floor else (True, "floor off")
+    if not passes:
+        return False, why, {}
     if champion is None:
-        return True, "no champion yet", {}
+        return True, f"no champion yet; {why}", {}
     compared: dict[str, Any] = {}
     lost, won = [], []
     for spec in cfg.promotion_metrics:
@@ -140,8 +192,9 @@ def register(
     (the recipe's) logs ``model_dir`` into the given run and returns MLflow's ModelInfo."""
     model_dir = Path(model_dir)
     summary = read_json(Path(eval_dir) / "metrics.json").get("summary", {})
-    for spec in cfg.promotion_metrics:
-        name, _ = parse_promotion_metric(spec)
+    needed = [parse_promotion_metric(spec)[0] for spec in cfg.promotion_metrics]
+    needed += floor_metrics(cfg) if cfg.floor else []
+    for name in needed:
         if name not in summary:
             raise InputError(
                 f"{eval_dir}/metrics.json: no metric {name!r} for the promotion gate; it has {', '.join(sorted(summary))}"
@@ -252,7 +305,13 @@ def _promote_by_gate(client, cfg: RegisterConfig, version: str, summary: dict[st
         champion_metrics = version_metrics(current) if current is not None else None
         promote, reason, compared = gate(summary, champion_metrics, cfg)
         previous = current.version if current is not None else ""
-        decision = "promoted" if promote else "kept champion"
+        below_floor = reason.startswith("below the floor")
+        if promote:
+            decision = "promoted"
+        elif below_floor:
+            decision = "challenger only: below the floor" + ("" if previous else " (no champion)")
+        else:
+            decision = "kept champion"
         # The record first, the aliases last: a failure part-way never leaves a moved alias without
         # the tag that says where it was (_remove_abandoned puts it back from there).
         for key, value in {
@@ -260,6 +319,7 @@ def _promote_by_gate(client, cfg: RegisterConfig, version: str, summary: dict[st
             "promotion.reason": reason,
             "promotion.compared": json.dumps(compared),
             "promotion.champion_before": previous,
+            FLOOR_TAG: "failed" if below_floor else "passed",
         }.items():
             client.set_model_version_tag(name, version, key, value)
         client.set_registered_model_alias(name, CHALLENGER, version)
@@ -268,6 +328,7 @@ def _promote_by_gate(client, cfg: RegisterConfig, version: str, summary: dict[st
     return {
         "decision": decision,
         "promoted": promote,
+        "below_floor": below_floor,
         "reason": reason,
         "compared": compared,
         "champion_before": previous,

@@ -12,11 +12,11 @@ from zhllama.recipes.chinese_llama_alpaca.evaluate import (
     EvalInputs,
     language_model_scores,
     run_evaluate,
-    sequence_logprobs,
     task_metrics,
     text_chunks,
 )
 from zhllama.recipes.chinese_llama_alpaca.modeling import load_model, load_tokenizer
+from zhllama.recipes.chinese_llama_alpaca.scoring import sequence_logprobs
 from zhllama.recipes.chinese_llama_alpaca.sft import read_alpaca, tokenize_example
 
 
@@ -87,10 +87,16 @@ def test_evaluation_writes_metrics_and_report(eval_run: Path) -> None:
     )
     assert len(metrics["samples"]) == 2 and all(isinstance(s["response"], str) for s in metrics["samples"])
     plots = {p.name for p in (eval_run / "plots").iterdir()}
-    assert {"loss_curves.png", "bits_per_char.png", "token_efficiency.png", "task.png"} <= plots
+    assert {"loss_curves.png", "bits_per_char.png", "token_efficiency.png", "task.png", "accuracy_curve.png"} <= plots
     html = (eval_run / "report.html").read_text(encoding="utf-8")
-    assert html.count("data:image/png;base64,") == 4  # self-contained: renders as a Kubeflow HTML artifact
+    assert html.count("data:image/png;base64,") == 5  # self-contained: renders as a Kubeflow HTML artifact
     assert "Generation samples" in html and "请用一句话介绍北京。" in html
+    # one line each: the majority baseline, and whether SFT kept the language model
+    task = metrics["task"]
+    assert summary["task_majority_share"] == task["majority_share"] == max(task["gold_share"].values())
+    word = "beat" if task["accuracy_loglik"] > task["majority_share"] else "did not beat"
+    assert f"This run {word} the majority baseline: task accuracy {task['accuracy_loglik']:.3f}" in html
+    assert "the language model: held-out bits/char" in html
 
 
 def test_pt_merged_beats_random_base_in_bits_per_char(eval_run: Path) -> None:

@@ -83,9 +83,13 @@ def test_sft_loss_falls_and_pad_is_added(tmp_path: Path, pt_merged: Path, defaul
         max_eval_examples=16,
     )
     metrics = run_sft(pt_merged, train, default_data / "sft" / "valid.json", tmp_path / "sft", cfg)
-    losses = [h["loss"] for h in json.loads((tmp_path / "sft" / "train_log.json").read_text()) if "loss" in h]
+    history = json.loads((tmp_path / "sft" / "train_log.json").read_text())
+    losses = [h["loss"] for h in history if "loss" in h]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     assert "eval_loss" in metrics and metrics["padding_share"] < 0.25
+    # a closed-answer validation split: every evaluation logs the accuracy (the report's curve)
+    assert [h["step"] for h in history if "eval_accuracy" in h] == [15, 30]
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
     tok = load_tokenizer(tmp_path / "sft" / "tokenizer")
     assert len(tok) == len(load_tokenizer(pt_merged)) + 1 and tok.pad_token == "[PAD]"
     merge_adapters(pt_merged, [tmp_path / "sft"], tmp_path / "final")
@@ -110,3 +114,22 @@ def test_length_grouping_cuts_padding(pt_merged: Path, default_data: Path) -> No
         return 1 - real / total
 
     assert padding(True) < 0.5 * padding(False)
+
+
+def test_replayed_corpus_rows_join_the_training_examples(pt_merged: Path, default_data: Path, small_corpus) -> None:
+    """text_mix_share: that share of rows is corpus text with every token a target, seeded."""
+    from zhllama.recipes.chinese_llama_alpaca.sft import training_source
+
+    tok = load_tokenizer(pt_merged)
+    add_pad_token(tok)
+    train = default_data / "sft" / "valid.json"
+    plain, none = training_source(train, [], tok, tiny_config("sft"))
+    cfg = tiny_config("sft", text_mix_share=0.2, text_mix_tokens=24)
+    mixed, replayed = training_source(train, [small_corpus["train"]], tok, cfg)
+    assert none == 0 and replayed == round(len(plain) * 0.25) and len(mixed) == len(plain) + replayed
+    for ids, labels in mixed.examples[len(plain) :]:
+        assert ids[0] == tok.bos_token_id and len(ids) <= 25 and labels == [IGNORE_INDEX, *ids[1:]]
+    again, _ = training_source(train, [small_corpus["train"]], tok, cfg)
+    assert again.examples == mixed.examples
+    with pytest.raises(InputError, match="needs the corpus text"):
+        training_source(train, [], tok, cfg)

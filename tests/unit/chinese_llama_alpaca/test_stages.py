@@ -4,6 +4,7 @@ import dataclasses
 import inspect
 
 from zhllama.cli import STAGE_COMMANDS, build_parser
+from zhllama.core import registry
 from zhllama.core.config import RegisterConfig, parse_promotion_metric
 from zhllama.core.settings import PROJECT_ROOT
 from zhllama.recipes.chinese_llama_alpaca import configs, launchers
@@ -32,8 +33,8 @@ def test_every_stage_has_a_component_a_launcher_and_a_command() -> None:
 def test_the_promotion_metrics_are_what_evaluation_produces() -> None:
     scores = {"bits_per_char": 1.0, "bits_per_byte": 0.5, "token_perplexity": 3.0, "tokens_per_char": 0.6}
     result = {
-        "language_model": {role: scores for role in ("base", "pt_merged", "final")},
-        "task": {"accuracy_loglik": 0.5, "exact_match": 0.5, "test_loss": 1.0},
+        "language_model": {role: scores for role in ("base", "pt_base_vocab", "pt_merged", "final")},
+        "task": {"accuracy_loglik": 0.5, "exact_match": 0.5, "test_loss": 1.0, "majority_share": 0.5},
         "sft_valid_loss": 1.0,
         "pt_valid_loss": 2.0,
         "tokenizer": {"base": {"tokens_per_chinese_char": 1.7}, "merged": {"tokens_per_chinese_char": 0.7}},
@@ -44,6 +45,7 @@ def test_the_promotion_metrics_are_what_evaluation_produces() -> None:
     for spec in RegisterConfig().promotion_metrics:
         name, direction = parse_promotion_metric(spec)
         assert promotion_metrics()[name].direction == direction
+    assert set(registry.floor_metrics(RegisterConfig())) <= set(promotion_metrics())  # the floor reads them too
 
 
 def test_run_parameters_do_not_shadow_stage_parameters() -> None:

@@ -148,3 +148,25 @@ def test_gradient_accumulation_gives_the_single_batch_gradient() -> None:
     whole, accumulated = _one_sgd_step(per_device=4, accumulation=1), _one_sgd_step(per_device=2, accumulation=2)
     for name, delta in whole.items():
         assert torch.allclose(accumulated[name], delta, atol=1e-6, rtol=1e-4), name
+
+
+def test_modules_to_save_get_their_own_learning_rate() -> None:
+    """LoRA at learning_rate, the fully trained embed_tokens/lm_head at modules_to_save_learning_rate;
+    the scheduler scales both, and the logged lr is the main one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import tiny_config
+    from zhllama.core.training.loop import build_optimizer
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    cfg = tiny_config("sft", learning_rate=1e-3, modules_to_save_learning_rate=1e-4)
+    model = apply_lora(LlamaForCausalLM(config), cfg)
+    optimizer = build_optimizer(model, cfg)
+    by_lr: dict[float, int] = {}
+    for group in optimizer.param_groups:
+        by_lr[group["lr"]] = by_lr.get(group["lr"], 0) + sum(p.numel() for p in group["params"])
+    assert by_lr[1e-4] == 2 * 64 * 16  # embed_tokens and lm_head, in full
+    assert by_lr[1e-3] == sum(p.numel() for p in model.parameters() if p.requires_grad) - 2 * 64 * 16
+    assert {g["lr"] for g in build_optimizer(model, tiny_config("sft", learning_rate=1e-3)).param_groups} == {1e-3}

@@ -130,16 +130,25 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], f
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainArgs) -> torch.optim.AdamW:
-    """AdamW over trainable parameters only; no weight decay on biases and norms."""
-    decay, no_decay = [], []
+    """AdamW over trainable parameters only; no weight decay on biases and norms; each
+    parameter at ``cfg.learning_rate_for(name)`` (one group per distinct rate)."""
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-    if not decay and not no_decay:
+        decays = not (param.ndim < 2 or "norm" in name)
+        groups.setdefault((cfg.learning_rate_for(name), decays), []).append(param)
+    if not groups:
         raise ValueError("no trainable parameters: nothing to optimise")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW(
+        [
+            {"params": params, "lr": lr, "weight_decay": cfg.weight_decay if decays else 0.0}
+            for (lr, decays), params in groups.items()
+        ],
+        lr=cfg.learning_rate,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
 
 
 @torch.no_grad()
@@ -298,11 +307,13 @@ def train(
     stop_after_steps: int | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     objective: Objective | None = None,
+    eval_metrics: Callable[[torch.nn.Module], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``objective`` (default: the causal-LM loss).
     ``stop_after_steps`` ends early (after checkpointing) to simulate an interruption in tests;
     ``on_log`` receives every log entry as it is made (on the main process), e.g. to send step
-    metrics to MLflow."""
+    metrics to MLflow; ``eval_metrics`` adds the recipe's own figures (e.g. task accuracy) to
+    every evaluation, computed on the model in eval mode."""
     from tqdm.auto import tqdm
 
     world = world or Dist()
@@ -325,6 +336,8 @@ def train(
     )
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" and world.device.type == "cuda" else None
     step, history = _resume(run_dir, model, optimizer, scheduler, total_steps) if resume else (0, [])
+    # the logged "lr" is that of cfg.learning_rate's group (a recipe may give some parameters their own)
+    main_group = next((k for k, g in enumerate(optimizer.param_groups) if g["initial_lr"] == cfg.learning_rate), 0)
 
     order_cache: dict[int, list[list[int]]] = {}
 
@@ -339,6 +352,16 @@ def train(
         history.append(entry)
         if on_log and world.is_main:
             on_log(entry)
+
+    def evaluation() -> dict[str, float]:
+        scores = evaluate_loss(model, eval_source, cfg.per_device_eval_batch_size, world, max_eval, objective)
+        if eval_metrics is not None:
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                scores.update(eval_metrics(model))
+            model.train(was_training)
+        return scores
 
     real_seen = padded_seen = 0
     started = time.perf_counter()
@@ -367,7 +390,7 @@ def train(
         entry = {
             "step": step,
             "loss": done.loss,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": scheduler.get_last_lr()[main_group],
             "grad_norm": done.grad_norm,
             "tokens": int(done.count),
         }
@@ -385,12 +408,7 @@ def train(
                 real_seen * world.world_size / max(elapsed, 1e-9),
             )
         if eval_source is not None and cfg.eval_steps and step % cfg.eval_steps == 0 and step != total_steps:
-            emit(
-                {
-                    "step": step,
-                    **evaluate_loss(model, eval_source, cfg.per_device_eval_batch_size, world, max_eval, objective),
-                }
-            )
+            emit({"step": step, **evaluation()})
         if cfg.save_steps and (
             step % cfg.save_steps == 0 or (stop_after_steps is not None and step == stop_after_steps)
         ):
@@ -423,7 +441,7 @@ def train(
         "total_parameters": sum(p.numel() for p in model.parameters()),
     }
     if eval_source is not None and step >= total_steps:
-        final_eval = evaluate_loss(model, eval_source, cfg.per_device_eval_batch_size, world, max_eval, objective)
+        final_eval = evaluation()
         emit({"step": step, **final_eval})
         metrics.update(final_eval)
     return TrainResult(steps=step, log_history=history, metrics=metrics)

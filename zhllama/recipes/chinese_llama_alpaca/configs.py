@@ -106,14 +106,28 @@ class LoraTrainArgs(TrainArgs):
     modules_to_save: list[str] = doc(
         "Modules trained in full and saved with the adapter.", default_factory=lambda: list(LORA_MODULES_TO_SAVE)
     )
+    modules_to_save_learning_rate: float = doc(
+        "Peak learning rate of the modules_to_save (trained in full: tens of millions of weights that every "
+        "token's prediction shares); 0 = learning_rate, as the recipe has it.",
+        default=0.0,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         positive(self, "lora_rank", "lora_alpha")
+        if self.modules_to_save_learning_rate < 0:
+            raise ValueError(f"{type(self).__name__}.modules_to_save_learning_rate must be >= 0 (0 = learning_rate)")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"{type(self).__name__}.lora_dropout must be in [0, 1)")
         if not self.lora_target_modules:
             raise ValueError(f"{type(self).__name__}.lora_target_modules must name at least one module")
+
+    def learning_rate_for(self, parameter_name: str) -> float:
+        """modules_to_save_learning_rate for a fully trained module (peft names its trained copy
+        ``<module>.modules_to_save.<adapter>``), learning_rate for the rest."""
+        if self.modules_to_save_learning_rate and ".modules_to_save." in parameter_name:
+            return self.modules_to_save_learning_rate
+        return self.learning_rate
 
 
 @dataclasses.dataclass
@@ -151,10 +165,18 @@ class SftConfig(LoraTrainArgs):
     max_seq_length: int = doc("Prompt + response tokens; longer examples are truncated.", default=512)
     group_by_length: bool = doc("Batch examples of similar length, so little compute goes to padding.", default=True)
     max_eval_examples: int = doc("Cap on validation examples per evaluation (0 = all).", default=200)
+    text_mix_share: float = doc(
+        "Share of training rows that are plain corpus text (LM loss on every token): replay that keeps the "
+        "language model while SFT specialises it; 0 = off (the recipe). Needs the corpus (--mix_text).",
+        default=0.0,
+    )
+    text_mix_tokens: int = doc("Tokens per replayed corpus row.", default=64)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        positive(self, "max_seq_length")
+        positive(self, "max_seq_length", "text_mix_tokens")
+        if not 0 <= self.text_mix_share < 1:
+            raise ValueError(f"SftConfig.text_mix_share must be in [0, 1), got {self.text_mix_share}")
 
 
 @dataclasses.dataclass
@@ -198,9 +220,19 @@ class EvalConfig:
     max_new_tokens: int = doc("Tokens generated per sample (the recipe's settings otherwise).", default=64)
     seed: int = doc("Sampling seed.", default=0)
     num_threads: int = doc("CPU threads for torch; 0 = all cores.", default=0)
+    mcq_dir: str = doc(
+        "C-Eval/CMMLU-layout folder (dev/ for shots; val/ or test/ scored), a local path or an s3:// URI; "
+        "every model is scored by its next-token logits of A-D; empty = skipped.",
+        default="",
+    )
+    mcq_split: str = doc("Split scored: val, test, or auto (val when present, else test).", default="auto")
+    mcq_shots: int = doc("Shots from dev/ per prompt (the recipe's 5; 0 = zero-shot).", default=5)
+    mcq_max_per_subject: int = doc("Questions scored per subject, to bound the time (0 = all).", default=0)
 
     def __post_init__(self) -> None:
         positive(self, "lm_chunk_chars", "batch_size", "task_max_new_tokens", "max_new_tokens")
-        for name in ("lm_max_lines", "task_max_examples", "num_threads"):
+        if self.mcq_split not in {"val", "test", "auto"}:
+            raise ValueError(f"EvalConfig.mcq_split must be val, test or auto, got {self.mcq_split!r}")
+        for name in ("lm_max_lines", "task_max_examples", "num_threads", "mcq_shots", "mcq_max_per_subject"):
             if getattr(self, name) < 0:
                 raise ValueError(f"EvalConfig.{name} must be >= 0, got {getattr(self, name)}")

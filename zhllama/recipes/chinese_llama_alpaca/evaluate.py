@@ -4,10 +4,13 @@ report a person can look at (HTML with the plots inline, PNGs beside it)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
+import re
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,19 +18,27 @@ from typing import Any
 
 import torch
 
-from zhllama.core.io import InputError, atomic_dir, read_json, write_json
+from zhllama.core.io import InputError, atomic_dir, fetch_dir, read_json, write_json
 from zhllama.core.training.loss import IGNORE_INDEX, pad_rows, token_loss_sum
-from zhllama.recipes.chinese_llama_alpaca import modeling
+from zhllama.recipes.chinese_llama_alpaca import mcq, modeling
 from zhllama.recipes.chinese_llama_alpaca.configs import EvalConfig
 from zhllama.recipes.chinese_llama_alpaca.corpus import read_corpus
 from zhllama.recipes.chinese_llama_alpaca.generation import GenerationSettings, generate
-from zhllama.recipes.chinese_llama_alpaca.sft import read_alpaca, tokenize_example
+from zhllama.recipes.chinese_llama_alpaca.scoring import answer_options, pad_id, rank_options
+from zhllama.recipes.chinese_llama_alpaca.sft import read_alpaca
 
 log = logging.getLogger(__name__)
 
 LN2 = math.log(2.0)
-MAX_INFERRED_OPTIONS = 20
-MODEL_ROLES = ("base", "pt_merged", "final")  # the order every table and plot uses
+# The order every table and plot uses. pt_base_vocab: pretrained like pt_merged, at the same
+# compute, with the base vocabulary only (the vocabulary extension's ablation).
+MODEL_ROLES = ("base", "pt_base_vocab", "pt_merged", "final")
+ROLE_NAMES = {
+    "base": "base",
+    "pt_base_vocab": "PT, base vocabulary",
+    "pt_merged": "PT-merged",
+    "final": "final (PT + SFT)",
+}
 
 
 # --- language modelling -------------------------------------------------------------------------
@@ -40,10 +51,6 @@ def text_chunks(lines: Sequence[str], chunk_chars: int) -> list[str]:
     for line in lines:
         chunks.extend(line[i : i + chunk_chars] for i in range(0, len(line), chunk_chars))
     return [c for c in chunks if c.strip()]
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.unk_token_id or 0)
 
 
 @torch.no_grad()
@@ -64,7 +71,7 @@ def language_model_scores(model, tokenizer, chunks: Sequence[str], batch_size: i
     nll = 0.0
     tokens = 0
     for k in range(0, len(order), batch_size):
-        batch = pad_rows([rows[i] for i in order[k : k + batch_size]], _pad_id(tokenizer))
+        batch = pad_rows([rows[i] for i in order[k : k + batch_size]], pad_id(tokenizer))
         loss, count = token_loss_sum(model, batch)
         nll += float(loss)
         tokens += count
@@ -84,42 +91,6 @@ def language_model_scores(model, tokenizer, chunks: Sequence[str], batch_size: i
 # --- task metrics -------------------------------------------------------------------------------
 
 
-def _options(records: list[dict[str, str]], configured: Sequence[str], path: Path) -> list[str]:
-    if configured:
-        return list(configured)
-    options = sorted({r["output"].strip() for r in records})
-    if len(options) > MAX_INFERRED_OPTIONS:
-        raise InputError(
-            f"{path}: {len(options)} distinct outputs; set evaluate.task_options to score a closed-answer task"
-        )
-    return options
-
-
-@torch.no_grad()
-def sequence_logprobs(
-    model, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int
-) -> list[tuple[float, int]]:
-    """Sum of log p(label tokens) and their count, per row."""
-    model.eval()
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-    for k in range(0, len(order), batch_size):
-        idx = order[k : k + batch_size]
-        batch = pad_rows([rows[i] for i in idx], pad_id)
-        logits = (
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-            .logits[:, :-1]
-            .float()
-        )
-        labels = batch["labels"][:, 1:]
-        mask = labels != IGNORE_INDEX
-        picked = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        sums = (picked * mask).sum(dim=1)
-        for j, i in enumerate(idx):
-            out[i] = (float(sums[j]), int(mask[j].sum()))
-    return out
-
-
 @torch.no_grad()
 def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy answers, batched with left padding; the text after the prompt, stripped."""
@@ -134,7 +105,7 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
                 **enc,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                pad_token_id=_pad_id(tokenizer),
+                pad_token_id=pad_id(tokenizer),
                 eos_token_id=tokenizer.eos_token_id,
             )
             new = out[:, enc["input_ids"].shape[1] :]
@@ -155,35 +126,23 @@ def task_metrics(
     records = read_alpaca(path)
     if cfg.task_max_examples:
         records = records[: cfg.task_max_examples]
-    options = _options(records, cfg.task_options, path)
-    rows, owners = [], []
-    for n, record in enumerate(records):
-        for option in options:
-            rows.append(tokenize_example(tokenizer, {**record, "output": option}, max_seq_length))
-            owners.append(n)
-    scores = sequence_logprobs(model, rows, _pad_id(tokenizer), cfg.batch_size)
-    best: dict[int, tuple[float, str]] = {}
-    gold_nll, gold_tokens = 0.0, 0
-    for (logp, count), n, option in zip(scores, owners, options * len(records), strict=True):
-        if n not in best or logp > best[n][0]:
-            best[n] = (logp, option)
-        if option == records[n]["output"].strip():
-            gold_nll -= logp
-            gold_tokens += count
-    loglik_correct = sum(best[n][1] == r["output"].strip() for n, r in enumerate(records))
+    options = answer_options(records, cfg.task_options, path)
+    ranked = rank_options(model, tokenizer, records, options, cfg.batch_size, max_seq_length)
+    predicted = ranked["predicted"]
     prompts = [build_prompt(r["instruction"], r["input"]) for r in records]
     answers = greedy_answers(model, tokenizer, prompts, cfg.task_max_new_tokens, cfg.batch_size)
     exact = sum(a == r["output"].strip() for a, r in zip(answers, records, strict=True))
-    predicted = [best[n][1] for n in range(len(records))]
+    gold_share = {o: sum(r["output"].strip() == o for r in records) / len(records) for o in options}
     return {
         "task_file": str(path),
         "examples": len(records),
         "options": options,
-        "accuracy_loglik": loglik_correct / len(records),
+        "accuracy_loglik": ranked["accuracy"],
         "exact_match": exact / len(records),
-        "test_loss": gold_nll / max(gold_tokens, 1),
+        "test_loss": ranked["gold_loss"],
         "predicted_share": {o: predicted.count(o) / len(records) for o in options},
-        "gold_share": {o: sum(r["output"].strip() == o for r in records) / len(records) for o in options},
+        "gold_share": gold_share,
+        "majority_share": max(gold_share.values()),  # what always answering the commonest option scores
         "greedy_examples": [
             {"input": r["input"][:80], "gold": r["output"], "greedy": a}
             for r, a in list(zip(records, answers, strict=False))[:8]
@@ -201,6 +160,7 @@ class EvalInputs:
     text_file: str | os.PathLike[str]
     task_file: str | os.PathLike[str] | None = None
     base_model: str | os.PathLike[str] | None = None
+    pt_base_vocab_model: str | os.PathLike[str] | None = None
     pt_merged_model: str | os.PathLike[str] | None = None
     final_model: str | os.PathLike[str] | None = None
     vocab_dir: str | os.PathLike[str] | None = None
@@ -214,6 +174,11 @@ class EvalInputs:
         return found
 
 
+def metric_safe(name: str) -> str:
+    """A name MLflow takes as part of a metric key (letters of any script, digits, _ - . / space)."""
+    return re.sub(r"[^\w\-./ ]", "_", name)
+
+
 def summary_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The flat figures that MLflow logs and the promotion gate compares."""
     flat: dict[str, float] = {}
@@ -224,10 +189,16 @@ def summary_metrics(result: dict[str, Any]) -> dict[str, float]:
     if task:
         flat["task_accuracy_loglik"] = task["accuracy_loglik"]
         flat["task_exact_match"] = task["exact_match"]
+        flat["task_majority_share"] = task["majority_share"]
         flat["sft_test_loss"] = task["test_loss"]
     for key in ("sft_valid_loss", "pt_valid_loss"):
         if result.get(key) is not None:
             flat[key] = result[key]
+    for role, scored in result.get("mcq", {}).items():
+        flat[f"{role}_mcq_accuracy"] = scored["mean_accuracy"]
+        flat[f"{role}_mcq_questions"] = scored["questions"]
+        for subject, entry in scored["subjects"].items():
+            flat[f"{role}_mcq_accuracy.{metric_safe(subject)}"] = entry["accuracy"]
     tok = result.get("tokenizer")
     if tok:
         flat["tokens_per_zh_char_base"] = tok["base"]["tokens_per_chinese_char"]
@@ -235,9 +206,27 @@ def summary_metrics(result: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
+def _mcq_folder(uri: str, stack: contextlib.ExitStack) -> Path:
+    """The multiple-choice folder, fetched to a temporary copy when it is a URL; checked at once
+    (a bad layout fails before any model is scored)."""
+    folder = Path(uri)
+    if "://" in uri:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="zhllama-mcq-")))
+        folder = fetch_dir(uri, tmp / "mcq")
+    mcq.find_subjects(folder)
+    return folder
+
+
 def run_evaluate(inputs: EvalInputs, out_dir: str | os.PathLike[str], cfg: EvalConfig) -> dict[str, Any]:
     """Score every given model and write ``metrics.json``, ``samples.json``, ``report.html`` and
     ``plots/*.png`` into ``out_dir`` (whole or not at all). Returns the metrics."""
+    with contextlib.ExitStack() as stack:
+        return _run_evaluate(inputs, out_dir, cfg, stack)
+
+
+def _run_evaluate(
+    inputs: EvalInputs, out_dir: str | os.PathLike[str], cfg: EvalConfig, stack: contextlib.ExitStack
+) -> dict[str, Any]:
     from zhllama.recipes.chinese_llama_alpaca import report
 
     if cfg.num_threads:
@@ -258,6 +247,7 @@ def run_evaluate(inputs: EvalInputs, out_dir: str | os.PathLike[str], cfg: EvalC
         "models": {k: str(v) for k, v in models.items()},
     }
     samples: list[dict[str, str]] = []
+    mcq_dir = _mcq_folder(cfg.mcq_dir, stack) if cfg.mcq_dir else None
     for role, path in models.items():
         t0 = time.perf_counter()
         model, tokenizer = modeling.load_model(path), modeling.load_tokenizer(path)
@@ -272,6 +262,29 @@ def run_evaluate(inputs: EvalInputs, out_dir: str | os.PathLike[str], cfg: EvalC
             scores["token_perplexity"],
             time.perf_counter() - t0,
         )
+        if mcq_dir is not None:
+            t0 = time.perf_counter()
+            scored = mcq.score_mcq(
+                model,
+                tokenizer,
+                mcq_dir,
+                shots=cfg.mcq_shots,
+                split=cfg.mcq_split,
+                max_per_subject=cfg.mcq_max_per_subject,
+                batch_size=cfg.batch_size,
+            )
+            result.setdefault("mcq", {})[role] = scored
+            log.info(
+                "%-9s multiple choice (%s, %d-shot): mean accuracy %.3f over %d subjects, %d questions (chance %.2f; %.1f s)",
+                role,
+                scored["split"],
+                scored["shots"],
+                scored["mean_accuracy"],
+                len(scored["subjects"]),
+                scored["questions"],
+                mcq.CHANCE,
+                time.perf_counter() - t0,
+            )
         if role == "final":
             if inputs.task_file:
                 result["task"] = task_metrics(model, tokenizer, inputs.task_file, cfg)

@@ -39,7 +39,7 @@ def check_prerequisites(parameters: dict[str, Any]) -> dict[str, Any]:
     """Seconds, before any training: every stage's config builds (values in range), the tracking
     server answers, and the promotion metrics are ones evaluation produces."""
     from zhllama.core import tracking
-    from zhllama.core.config import parse_promotion_metric
+    from zhllama.core.config import parse_floor_threshold, parse_promotion_metric
     from zhllama.recipes.chinese_llama_alpaca.stages import RECIPE, promotion_metrics
 
     checked = RECIPE.check_parameters(parameters)
@@ -51,6 +51,13 @@ def check_prerequisites(parameters: dict[str, Any]) -> dict[str, Any]:
         if name not in known:
             raise InputError(
                 f"pipeline parameter register_promotion_metrics: {name!r} is not an evaluation metric "
+                f"({', '.join(sorted(known))})"
+            )
+    for spec in parameters.get("register_floor_thresholds") or []:
+        name, _, _ = parse_floor_threshold(spec)
+        if name not in known:
+            raise InputError(
+                f"pipeline parameter register_floor_thresholds: {name!r} is not an evaluation metric "
                 f"({', '.join(sorted(known))})"
             )
     uri = parameters.get("mlflow_tracking_uri") or tracking.tracking_uri()
@@ -143,12 +150,14 @@ def pretrain(
     nproc_per_node: int = 1,
     nnodes: int = 1,
     base_model_subdir: str = "",
+    vocab_subdir: str = "tokenizer",
+    stage_name: str = "",
     mlflow_tracking_uri: str = "",
     mlflow_experiment: str = "",
 ) -> None:
     where = launch.step_setup(mlflow_tracking_uri, mlflow_experiment)
     model_dir = launch.subdir(base_model.path, base_model_subdir)
-    tokenizer, train = Path(vocab.path) / "tokenizer", Path(data.path) / CORPUS_TRAIN
+    tokenizer, train = Path(launch.subdir(vocab.path, vocab_subdir)), Path(data.path) / CORPUS_TRAIN
     if nproc_per_node * nnodes > 1:
         launch.torchrun(
             "zhllama.cli",
@@ -163,6 +172,8 @@ def pretrain(
                 str(train),
                 "--out",
                 run.path,
+                "--stage_name",
+                stage_name,
                 *launch.config_flags(config),
             ],
             nproc_per_node,
@@ -170,7 +181,7 @@ def pretrain(
         )
         result = read_json(Path(run.path) / "metrics.json")
     else:
-        result = runs.pretrain(model_dir, tokenizer, [train], run.path, config, where=where)
+        result = runs.pretrain(model_dir, tokenizer, [train], run.path, config, name=stage_name, where=where)
     launch.log_kfp_metrics(metrics, result)
 
 
@@ -212,7 +223,7 @@ def sft(
     mlflow_experiment: str = "",
 ) -> None:
     where = launch.step_setup(mlflow_tracking_uri, mlflow_experiment)
-    train, valid = Path(data.path) / SFT_TRAIN, Path(data.path) / SFT_VALID
+    train, valid, text = Path(data.path) / SFT_TRAIN, Path(data.path) / SFT_VALID, Path(data.path) / CORPUS_TRAIN
     if nproc_per_node * nnodes > 1:
         launch.torchrun(
             "zhllama.cli",
@@ -227,6 +238,8 @@ def sft(
                 str(valid),
                 "--out",
                 run.path,
+                "--mix_text",
+                str(text),
                 *launch.config_flags(config),
             ],
             nproc_per_node,
@@ -234,7 +247,7 @@ def sft(
         )
         result = read_json(Path(run.path) / "metrics.json")
     else:
-        result = runs.sft(model.path, train, valid, run.path, config, where=where)
+        result = runs.sft(model.path, train, valid, run.path, config, where=where, text_files=[text])
     launch.log_kfp_metrics(metrics, result)
 
 
@@ -250,6 +263,7 @@ def evaluate(
     report: Any,
     metrics: Any,
     config: EvalConfig,
+    pt_base_vocab: Any = None,
     mlflow_tracking_uri: str = "",
     mlflow_experiment: str = "",
 ) -> None:
@@ -261,6 +275,7 @@ def evaluate(
         task_file=Path(data.path) / SFT_TEST,
         base_model=base_model.path,
         pt_merged_model=pt_merged.path,
+        pt_base_vocab_model=pt_base_vocab.path if pt_base_vocab is not None else None,
         final_model=final.path,
         vocab_dir=vocab.path,
         pt_run=pt_run.path,

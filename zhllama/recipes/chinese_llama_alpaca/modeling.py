@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from zhllama.core.io import InputError, atomic_dir, write_json
+from zhllama.core.io import InputError, atomic_dir, fetch_dir, write_json
 from zhllama.recipes.chinese_llama_alpaca.configs import BaseModelConfig
 
 log = logging.getLogger(__name__)
@@ -187,29 +187,17 @@ def copy_sp_model(tokenizer, out_dir: Path) -> None:
 
 
 def fetch_model(uri: str, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Copy a Hugging Face model directory into ``out_dir``, whole or not at all: a local path, or
-    any URL fsspec reads (``s3://bucket/prefix`` with credentials and endpoint from the
-    environment; ``gs://`` and others when their fsspec package is installed)."""
-    import shutil
+    """Copy a Hugging Face model directory into ``out_dir``, whole or not at all (a local path
+    or any URL fsspec reads: see io.fetch_dir)."""
+    if "://" not in uri:
+        check_model_dir(uri)
 
-    with atomic_dir(out_dir) as tmp:
-        if "://" in uri:
-            import fsspec
+    def check(copy: Path) -> None:
+        try:
+            check_model_dir(copy)
+        except InputError as err:
+            raise InputError(f"{uri}: {str(err).split(': ', 1)[-1]}") from None
 
-            options = (
-                {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}
-                if (uri.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"))
-                else {}
-            )
-            try:
-                fs, root = fsspec.core.url_to_fs(uri, **options)
-                if not fs.isdir(root):
-                    raise InputError(f"{uri}: no model folder there")
-                fs.get(root.rstrip("/") + "/", str(tmp), recursive=True)
-            except (ImportError, ValueError) as err:
-                raise InputError(f"{uri}: cannot read this URL ({err})") from None
-        else:
-            shutil.copytree(check_model_dir(uri), tmp, dirs_exist_ok=True)
-        check_model_dir(tmp)
+    fetch_dir(uri, out_dir, check)
     config = (Path(out_dir) / "config.json").read_text(encoding="utf-8")
     return {"source": uri, "config_bytes": len(config)}

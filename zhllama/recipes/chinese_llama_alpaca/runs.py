@@ -81,11 +81,12 @@ def pretrain(
     out: PathLike,
     cfg: PretrainConfig,
     resume: bool = False,
+    name: str = "",
     where: RunTarget | None = None,
 ) -> dict[str, Any]:
     from zhllama.recipes.chinese_llama_alpaca.pretrain import run_pretrain
 
-    with stage_run(where, f"pretrain_stage{cfg.stage}", cfg, base_model=base_model, tokenizer=tokenizer) as run:
+    with stage_run(where, name or f"pretrain_stage{cfg.stage}", cfg, base_model=base_model, tokenizer=tokenizer) as run:
         _log_data_input(run, train[0])
         metrics = run_pretrain(base_model, tokenizer, train, out, cfg, resume=resume, on_log=run.log_step)
         _log_outputs(run, metrics, out, ("metrics.json", "train_log.json"))
@@ -118,12 +119,22 @@ def sft(
     cfg: SftConfig,
     resume: bool = False,
     where: RunTarget | None = None,
+    text_files: Sequence[PathLike] = (),
 ) -> dict[str, Any]:
     from zhllama.recipes.chinese_llama_alpaca.sft import run_sft
 
     with stage_run(where, "sft", cfg, tokenizer=model) as run:
         _log_data_input(run, train)
-        metrics = run_sft(model, train, valid, out, cfg, resume=resume, on_log=run.log_step)
+        metrics = run_sft(
+            model,
+            train,
+            valid,
+            out,
+            cfg,
+            resume=resume,
+            on_log=run.log_step,
+            text_files=text_files if cfg.text_mix_share else (),
+        )
         _log_outputs(run, metrics, out, ("metrics.json", "train_log.json"))
     return metrics
 

@@ -105,6 +105,30 @@ class SftSource:
         return pad_rows([self.examples[i] for i in indices], self.pad_id)
 
 
+def text_rows(
+    files: Sequence[str | os.PathLike[str]], tokenizer, count: int, tokens: int, seed: int
+) -> list[tuple[list[int], list[int]]]:
+    """``count`` rows of plain corpus text (bos + ``tokens`` ids, every token a target), from
+    lines in a seeded order: the replay share of SFT batches."""
+    import random
+
+    from zhllama.recipes.chinese_llama_alpaca.corpus import read_corpus
+
+    lines = read_corpus(files)
+    random.Random(seed).shuffle(lines)
+    rows: list[tuple[list[int], list[int]]] = []
+    for line in lines:
+        ids = tokenizer(line, add_special_tokens=False)["input_ids"]
+        for k in range(0, len(ids) - tokens // 2, tokens):  # no short tail rows
+            row = [tokenizer.bos_token_id, *ids[k : k + tokens]]
+            rows.append((row, [IGNORE_INDEX, *row[1:]]))
+            if len(rows) == count:
+                return rows
+    if not rows:
+        raise InputError(f"{', '.join(map(str, files))}: no text of {tokens // 2}+ tokens to replay")
+    return rows
+
+
 def build_source(path, tokenizer, max_seq_length: int, limit: int = 0) -> SftSource:
     records = read_alpaca(path)
     if limit:
@@ -114,6 +138,52 @@ def build_source(path, tokenizer, max_seq_length: int, limit: int = 0) -> SftSou
     if not examples:
         raise InputError(f"{path}: every example's prompt is longer than max_seq_length={max_seq_length}")
     return SftSource(examples, tokenizer.pad_token_id)
+
+
+def closed_answer_accuracy(
+    valid_file: str | os.PathLike[str], tokenizer, cfg: SftConfig
+) -> Callable[[Any], dict[str, float]] | None:
+    """When the validation split is a closed-answer task (a few distinct outputs, as the
+    default sentiment task), a function giving the model's accuracy on it (the most likely
+    option is the answer): every evaluation logs it as ``eval_accuracy``, the curve of accuracy
+    against SFT steps. None for open-ended data."""
+    from zhllama.recipes.chinese_llama_alpaca.scoring import MAX_INFERRED_OPTIONS, rank_options
+
+    records = read_alpaca(valid_file)
+    if cfg.max_eval_examples:
+        records = records[: cfg.max_eval_examples]
+    options = sorted({r["output"].strip() for r in records})
+    if len(options) > MAX_INFERRED_OPTIONS:
+        return None
+
+    def accuracy(model) -> dict[str, float]:
+        ranked = rank_options(model, tokenizer, records, options, cfg.per_device_eval_batch_size, cfg.max_seq_length)
+        return {"eval_accuracy": ranked["accuracy"]}
+
+    return accuracy
+
+
+def training_source(
+    train_file: str | os.PathLike[str], text_files: Sequence[str | os.PathLike[str]], tokenizer, cfg: SftConfig
+) -> tuple[SftSource, int]:
+    """The instruction examples, plus ``cfg.text_mix_share`` of rows replayed from the corpus
+    (grouped by length, they form batches of their own: about that share of optimizer steps is
+    plain language modelling). Returns the source and the number of replayed rows."""
+    source = build_source(train_file, tokenizer, cfg.max_seq_length)
+    if not cfg.text_mix_share:
+        return source, 0
+    if not text_files:
+        raise InputError("sft.text_mix_share > 0 needs the corpus text to replay (--mix_text)")
+    wanted = round(len(source) * cfg.text_mix_share / (1 - cfg.text_mix_share))
+    extra = text_rows(text_files, tokenizer, wanted, cfg.text_mix_tokens, cfg.seed)
+    source.examples.extend(extra)
+    log.info(
+        "replaying %d rows of %d corpus tokens (%.0f%% of rows)",
+        len(extra),
+        cfg.text_mix_tokens,
+        100 * cfg.text_mix_share,
+    )
+    return source, len(extra)
 
 
 def prepare_model(model_dir, cfg: SftConfig):
@@ -136,14 +206,16 @@ def run_sft(
     stop_after_steps: int | None = None,
     world: Dist | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
+    text_files: Sequence[str | os.PathLike[str]] = (),
 ) -> dict[str, Any]:
     """SFT with LoRA from the PT-merged model; writes ``adapter/``, ``tokenizer/`` (with
-    ``[PAD]``), ``train_log.json`` and ``metrics.json``."""
+    ``[PAD]``), ``train_log.json`` and ``metrics.json``. With ``cfg.text_mix_share``, rows of
+    ``text_files`` (the PT corpus) join the training examples."""
     world = world or init_distributed()
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
     model, tokenizer, resize_info = prepare_model(model_dir, cfg)
-    train_source = build_source(train_file, tokenizer, cfg.max_seq_length)
+    train_source, replayed = training_source(train_file, text_files, tokenizer, cfg)
     eval_source = build_source(valid_file, tokenizer, cfg.max_seq_length, cfg.max_eval_examples) if valid_file else None
     log.info(
         "SFT: %d train examples, %d eval examples, pad id %d",
@@ -153,6 +225,7 @@ def run_sft(
     )
     model = apply_lora(model, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
+    eval_metrics = closed_answer_accuracy(valid_file, tokenizer, cfg) if valid_file else None
     result = train(
         model,
         train_source,
@@ -164,13 +237,15 @@ def run_sft(
         world=world,
         stop_after_steps=stop_after_steps,
         on_log=on_log,
+        eval_metrics=eval_metrics,
     )
     metrics = {
         **result.metrics,
         "config": dataclasses.asdict(cfg),
         "resize": resize_info,
         "pad_token_id": tokenizer.pad_token_id,
-        "train_examples": len(train_source),
+        "train_examples": len(train_source) - replayed,
+        "replayed_text_rows": replayed,
         "base_model": str(model_dir),
     }
     if world.is_main and result.steps >= result.metrics["total_steps"]:

@@ -39,7 +39,7 @@ TRAIN_METRICS = (
     Metric("tokens_per_second", "max"),
     Metric("padding_share"),
 )
-MODEL_ROLES = ("base", "pt_merged", "final")
+MODEL_ROLES = ("base", "pt_base_vocab", "pt_merged", "final")
 EVAL_METRICS = (
     *(
         Metric(f"{role}_{key}", "min")
@@ -48,6 +48,7 @@ EVAL_METRICS = (
     ),
     Metric("task_accuracy_loglik", "max"),
     Metric("task_exact_match", "max"),
+    Metric("task_majority_share", "max"),
     Metric("sft_test_loss", "min"),
     Metric("sft_valid_loss", "min"),
     Metric("pt_valid_loss", "min"),
@@ -99,7 +100,18 @@ STAGES = (
         config=PretrainConfig,
         inputs={"base_model": "Model", "vocab": "Model", "data": "Dataset"},
         outputs={"run": "Model", "metrics": "Metrics"},
-        parameters=(*SCALE, *SUBDIR),
+        parameters=(
+            *SCALE,
+            *SUBDIR,
+            (
+                "vocab_subdir",
+                str,
+                "tokenizer",
+                "folder inside vocab holding the tokenizer (the vocab stage's tokenizer/); empty: the artifact "
+                "itself (a base model: its own vocabulary, for the ablation)",
+            ),
+            ("stage_name", str, "", "the MLflow run's name; empty: pretrain_stage1/2"),
+        ),
         dag_set={"stage": 2},
         metrics=TRAIN_METRICS,
         gpu_variant=True,
@@ -128,7 +140,8 @@ STAGES = (
     ),
     Stage(
         "evaluate",
-        "Scores base, PT-merged and final models on the held-out splits; the report renders in the Kubeflow UI.",
+        "Scores base, PT-merged and final models (and the base-vocabulary PT, when given) on the held-out splits; "
+        "the report renders in the Kubeflow UI.",
         prefix="eval_",
         section="evaluate",
         config=EvalConfig,
@@ -141,6 +154,7 @@ STAGES = (
             "pt_run": "Model",
             "sft_run": "Model",
         },
+        optional_inputs={"pt_base_vocab": "Model"},
         outputs={"evaluation": "Artifact", "report": "HTML", "metrics": "Metrics"},
         metrics=EVAL_METRICS,
     ),
@@ -177,6 +191,13 @@ RUN_PARAMETERS = (
         "run pretraining stage 1 (embeddings only) before stage 2, as the recipe's two-stage PT",
     ),
     ("pt_stage1_max_steps", int, 100, "stage 1 optimizer steps (its other settings are the pt_* ones)"),
+    (
+        "pt_base_vocab_ablation",
+        bool,
+        True,
+        "also pretrain with the base vocabulary only (same steps and tokens, no merge) and report it beside "
+        "PT-merged: what the vocabulary extension buys; doubles stage 2's compute",
+    ),
     ("train_nproc_per_node", int, 1, "processes (GPUs) per node for pretrain and sft: torchrun inside the container"),
     (
         "train_nnodes",
