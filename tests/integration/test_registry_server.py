@@ -140,7 +140,17 @@ def test_chain_by_cli_leaves_nested_runs_report_and_champion(
             str(tmp_path / "eval"),
             *evaluate,
         ],
-        ["register", "--model", str(tmp_path / "final"), "--eval", str(tmp_path / "eval"), "--model_name", name],
+        # the tiny preset: its models are not meant to learn, so its floor is off
+        [
+            "register",
+            "--model",
+            str(tmp_path / "final"),
+            "--eval",
+            str(tmp_path / "eval"),
+            "--model_name",
+            name,
+            *evaluate,
+        ],
     ]
     for argv in steps:
         assert cli.main(["--pipeline_run_id", run_id, *argv]) == 0, argv[0]
@@ -262,9 +272,10 @@ def test_racing_registrations_both_get_versions_and_consistent_aliases(
 ) -> None:
     name = _name()
     base = read_json(eval_run / "metrics.json")["summary"]["sft_test_loss"]
+    good = {"task_accuracy_loglik": 0.9, "task_majority_share": 0.5}  # both above the default floor
     evals = {
-        "worse": _eval_with(eval_run, tmp_path, sft_test_loss=base + 1.0),
-        "better": _eval_with(eval_run, tmp_path, sft_test_loss=base - 1.0),
+        "worse": _eval_with(eval_run, tmp_path, sft_test_loss=base + 1.0, **good),
+        "better": _eval_with(eval_run, tmp_path, sft_test_loss=base - 1.0, **good),
     }
     # two pipeline runs finishing together
     procs = {

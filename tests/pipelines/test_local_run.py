@@ -38,6 +38,9 @@ def test_first_run_trains_every_step_and_registers_a_champion(local_runs, server
     assert {"vocab", "pretrain_stage2", "merge_pt", "sft", "merge_final", "evaluate", "register"} <= {
         r.data.tags["mlflow.runName"] for r in children
     }
+    # the ablation ran (on by default): PT with the base vocabulary only, merged, scored beside PT-merged
+    assert {"pretrain_base_vocab", "merge_base_vocab"} <= {r.data.tags["mlflow.runName"] for r in children}
+    assert "pt_base_vocab_bits_per_char" in parent.data.metrics and "task_majority_share" in parent.data.metrics
     champion = registry.champion_version(tracker.client, name)
     assert champion.tags["zhllama.pipeline_run_id"] == first["pipeline_run_id"]
 

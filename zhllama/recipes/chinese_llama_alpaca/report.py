@@ -336,9 +336,10 @@ def readme_block(metrics: dict[str, Any], run: dict[str, Any]) -> str:
         *(f"- {line}" for line in verdict(metrics)),
     ]
     if run.get("decision"):
-        lines.append(f"- Registration: {run['decision']} ({run['reason']}).")
+        lines.append(f"- Registration: {run['decision']}: {run['reason']}.")
     lines += ["", "| model | held-out bits/char | vs PT merged |", "| --- | --- | --- |"]
-    for role, scores in lm.items():
+    for role in [r for r in MODEL_LABELS if r in lm]:  # the roles' order (metrics.json sorts its keys)
+        scores = lm[role]
         change = f"{scores['bits_per_char'] / reference - 1:+.1%}" if reference else ""
         lines.append(f"| {MODEL_LABELS.get(role, role)} | {scores['bits_per_char']:.3f} | {change} |")
     task = metrics.get("task")
