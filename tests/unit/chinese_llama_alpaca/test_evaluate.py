@@ -118,3 +118,25 @@ def test_bad_input_leaves_no_output(tmp_path: Path, tiny_base: Path, small_corpu
     with pytest.raises(InputError, match="at least one model"):
         run_evaluate(EvalInputs(text_file=small_corpus["valid"]), out, tiny_eval())
     assert not out.exists() and not list(tmp_path.glob(".eval.tmp-*"))
+
+
+def test_readme_block_comes_from_the_run(eval_run: Path, tmp_path: Path) -> None:
+    """`make run` rewrites the README's default-run block from the evaluation it just made."""
+    from pipelines.local import README_BEGIN, README_END, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{README_BEGIN}\n(old figures)\n{README_END}\nafter\n", encoding="utf-8")
+    run = {
+        "total_seconds": 312.0,
+        "pipeline_run_id": "run-1",
+        "step_seconds": {"a": 1.0},
+        "evaluation_metrics": str(eval_run / "metrics.json"),
+    }
+    update_readme(readme, {**run, "registered": {"decision": "promoted", "reason": "above the floor"}})
+    text = readme.read_text(encoding="utf-8")
+    summary = read_json(eval_run / "metrics.json")["summary"]
+    assert "(old figures)" not in text and text.endswith(f"{README_END}\nafter\n")
+    assert "Pipeline run `run-1`: 5.2 min" in text and "Registration: promoted: above the floor." in text
+    assert f"| PT merged | {summary['pt_merged_bits_per_char']:.3f} | +0.0% |" in text
+    assert text.index("| base |") < text.index("| PT merged |") < text.index("| final (PT+SFT) |")  # the roles' order
+    assert f"accuracy {summary['task_accuracy_loglik']:.3f} by log-likelihood" in text

@@ -33,12 +33,6 @@ LN2 = math.log(2.0)
 # The order every table and plot uses. pt_base_vocab: pretrained like pt_merged, at the same
 # compute, with the base vocabulary only (the vocabulary extension's ablation).
 MODEL_ROLES = ("base", "pt_base_vocab", "pt_merged", "final")
-ROLE_NAMES = {
-    "base": "base",
-    "pt_base_vocab": "PT, base vocabulary",
-    "pt_merged": "PT-merged",
-    "final": "final (PT + SFT)",
-}
 
 
 # --- language modelling -------------------------------------------------------------------------

@@ -59,14 +59,21 @@ def plot_loss_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> bool:
     return True
 
 
-def plot_accuracy_curve(history: list[dict[str, Any]], majority: float | None, path: Path) -> bool:
-    """Validation accuracy against SFT steps (logged at every evaluation of a closed-answer task)."""
+def plot_accuracy_curve(
+    history: list[dict[str, Any]], majority: float | None, path: Path, test_accuracy: float | None = None
+) -> bool:
+    """Validation accuracy against SFT steps (logged at every evaluation of a closed-answer task),
+    and the final model's held-out test accuracy at the last step."""
     points = [(h["step"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h]
     if not points:
         return False
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
     ax.plot(*zip(*points, strict=True), "o-", label="validation accuracy (log-likelihood)")
+    if test_accuracy is not None:
+        ax.plot(
+            [points[-1][0]], [test_accuracy], "*", markersize=12, label=f"test accuracy, final ({test_accuracy:.2f})"
+        )
     if majority is not None:
         ax.axhline(majority, color="grey", linestyle="--", label=f"majority class ({majority:.2f})")
     ax.set_ylim(0, 1)
@@ -261,7 +268,12 @@ def write_report(out_dir: Path, result: dict[str, Any], logs: dict[str, list[dic
         parts.append(_table(["validation", "loss (nats/token)"], losses))
     task = result.get("task")
     sft_log = logs.get("sft", [])
-    if plot_accuracy_curve(sft_log, task["majority_share"] if task else None, plots / "accuracy_curve.png"):
+    if plot_accuracy_curve(
+        sft_log,
+        task["majority_share"] if task else None,
+        plots / "accuracy_curve.png",
+        task["accuracy_loglik"] if task else None,
+    ):
         parts.append(_image(plots / "accuracy_curve.png", "Validation accuracy against SFT steps"))
     if task:
         parts.append("<h2>Task</h2>")
