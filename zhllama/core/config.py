@@ -255,7 +255,9 @@ class RegisterConfig:
         for spec in self.promotion_metrics:
             parse_promotion_metric(spec)
         for spec in self.floor_thresholds:
-            parse_floor_threshold(spec)
+            name, op, _ = parse_floor_threshold(spec)
+            if name == "task_accuracy_loglik" and op != ">=":
+                raise ValueError(f"floor threshold {spec!r}: accuracy is bounded from below (>=), higher is better")
         if self.min_improvement < 0 or self.max_regression < 0 or self.floor_margin_over_majority < 0:
             raise ValueError(
                 "RegisterConfig.min_improvement, max_regression and floor_margin_over_majority must be >= 0"

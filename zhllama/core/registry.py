@@ -80,10 +80,7 @@ def floor(candidate: dict[str, float], cfg: RegisterConfig) -> tuple[bool, str]:
         name, op, value = parse_floor_threshold(spec)
         thresholds[name] = {"threshold": value, "greater_is_better": op == ">="}
     margin = {"min_absolute_change": max(cfg.floor_margin_over_majority, 1e-9), "greater_is_better": True}
-    if thresholds.get(ACCURACY_METRIC, {}).get("greater_is_better", True):
-        thresholds[ACCURACY_METRIC] = {**thresholds.get(ACCURACY_METRIC, {}), **margin}
-    else:
-        raise InputError(f"floor threshold on {ACCURACY_METRIC} must be >=: higher accuracy is better")
+    thresholds[ACCURACY_METRIC] = {**thresholds.get(ACCURACY_METRIC, {}), **margin}  # >= only (RegisterConfig)
     metrics = {k: float(v) for k, v in candidate.items()}
     # The baseline "model" answers the majority class; on the other metrics only absolute thresholds
     # apply (MLflow looks every metric up in the baseline, so it carries the candidate's own values).

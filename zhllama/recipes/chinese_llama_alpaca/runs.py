@@ -133,7 +133,7 @@ def sft(
             cfg,
             resume=resume,
             on_log=run.log_step,
-            text_files=text_files if cfg.text_mix_share else (),
+            text_files=text_files,
         )
         _log_outputs(run, metrics, out, ("metrics.json", "train_log.json"))
     return metrics

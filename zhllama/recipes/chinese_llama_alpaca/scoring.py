@@ -21,16 +21,24 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.unk_token_id or 0)
 
 
+def closed_options(records: list[dict[str, str]]) -> list[str] | None:
+    """The records' distinct outputs when they are a closed-answer task (at most
+    MAX_INFERRED_OPTIONS of them), else None."""
+    options = sorted({r["output"].strip() for r in records})
+    return options if len(options) <= MAX_INFERRED_OPTIONS else None
+
+
 def answer_options(
     records: list[dict[str, str]], configured: Sequence[str], where: str | os.PathLike[str]
 ) -> list[str]:
     """The configured options, else the records' distinct outputs (a closed-answer task has few)."""
     if configured:
         return list(configured)
-    options = sorted({r["output"].strip() for r in records})
-    if len(options) > MAX_INFERRED_OPTIONS:
+    options = closed_options(records)
+    if options is None:
+        distinct = len({r["output"].strip() for r in records})
         raise InputError(
-            f"{where}: {len(options)} distinct outputs; set evaluate.task_options to score a closed-answer task"
+            f"{where}: {distinct} distinct outputs; set evaluate.task_options to score a closed-answer task"
         )
     return options
 

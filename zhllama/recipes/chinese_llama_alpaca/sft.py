@@ -147,13 +147,13 @@ def closed_answer_accuracy(
     default sentiment task), a function giving the model's accuracy on it (the most likely
     option is the answer): every evaluation logs it as ``eval_accuracy``, the curve of accuracy
     against SFT steps. None for open-ended data."""
-    from zhllama.recipes.chinese_llama_alpaca.scoring import MAX_INFERRED_OPTIONS, rank_options
+    from zhllama.recipes.chinese_llama_alpaca.scoring import closed_options, rank_options
 
     records = read_alpaca(valid_file)
     if cfg.max_eval_examples:
         records = records[: cfg.max_eval_examples]
-    options = sorted({r["output"].strip() for r in records})
-    if len(options) > MAX_INFERRED_OPTIONS:
+    options = closed_options(records)
+    if options is None:
         return None
 
     def accuracy(model) -> dict[str, float]:
