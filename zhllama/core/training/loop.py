@@ -138,7 +138,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainArgs) -> torch.optim.AdamW
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decays = not (param.ndim < 2 or "norm" in name)
+        decays = not (param.ndim < 2 or "norm" in name or getattr(param, "zhllama_no_weight_decay", False))
         groups.setdefault((cfg.learning_rate_for(name), decays), []).append(param)
     if not groups:
         raise ValueError("no trainable parameters: nothing to optimise")

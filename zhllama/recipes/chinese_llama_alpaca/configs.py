@@ -50,9 +50,15 @@ class VocabConfig:
         default="descending",
     )
     seed: int = doc("Seed for sentence sampling.", default=42)
+    bpe_new_tokens: int = doc(
+        "Byte-level BPE bases (SmolLM2, Llama-3, Qwen): tokens to add by continued BPE training on the corpus "
+        "(the SentencePiece options above apply to SentencePiece bases only).",
+        default=16000,
+    )
+    bpe_min_frequency: int = doc("Byte-level BPE bases: a new merge must occur at least this often.", default=2)
 
     def __post_init__(self) -> None:
-        positive(self, "vocab_size", "num_threads", "max_sentence_length")
+        positive(self, "vocab_size", "num_threads", "max_sentence_length", "bpe_new_tokens", "bpe_min_frequency")
         if self.model_type not in {"bpe", "unigram"}:
             raise ValueError(f"VocabConfig.model_type must be 'bpe' or 'unigram', got {self.model_type!r}")
         if not 0.9 <= self.character_coverage <= 1.0:
@@ -111,10 +117,19 @@ class LoraTrainArgs(TrainArgs):
         "token's prediction shares); 0 = learning_rate, as the recipe has it.",
         default=0.0,
     )
+    tied_embeddings: str = doc(
+        "When the base ties embed_tokens and lm_head (SmolLM2, Qwen small models) and both are modules_to_save: "
+        "'keep' trains one shared matrix (peft's ensure_weight_tying; the merged model stays tied); 'untie' "
+        "trains two copies (the merged model gets its own lm_head: tie_word_embeddings false, one more "
+        "vocab x hidden matrix). peft's default would untie in training yet save a config that re-ties.",
+        default="keep",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         positive(self, "lora_rank", "lora_alpha")
+        if self.tied_embeddings not in {"keep", "untie"}:
+            raise ValueError(f"{type(self).__name__}.tied_embeddings must be 'keep' or 'untie', got {self.tied_embeddings!r}")
         if self.modules_to_save_learning_rate < 0:
             raise ValueError(f"{type(self).__name__}.modules_to_save_learning_rate must be >= 0 (0 = learning_rate)")
         if not 0 <= self.lora_dropout < 1:
@@ -143,6 +158,11 @@ class PretrainConfig(LoraTrainArgs):
         default="mean_of_pieces",
     )
     max_eval_blocks: int = doc("Cap on evaluation blocks (0 = all).", default=64)
+    stage1_new_rows_only: bool = doc(
+        "Stage 1: train only the rows of the tokens the vocab stage added (a gradient mask; no weight decay on "
+        "the embeddings), so every base row stays bit-identical: the embeddings-only stage the recipe describes.",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

