@@ -48,11 +48,13 @@ def pretrain(
     lora_target_modules: list = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     modules_to_save: list = ["embed_tokens", "lm_head"],
     modules_to_save_learning_rate: float = 0.0,
+    tied_embeddings: str = "keep",
     stage: int = 2,
     block_size: int = 512,
     validation_split_percentage: float = 1.0,
     init_new_embeddings: str = "mean_of_pieces",
     max_eval_blocks: int = 64,
+    stage1_new_rows_only: bool = False,
 ) -> None:
     """Pretrain on the corpus with the merged tokenizer; the run directory holds adapter/ (stage 2) or
     model/ (stage 1)."""
@@ -83,11 +85,13 @@ def pretrain(
         lora_target_modules=lora_target_modules,
         modules_to_save=modules_to_save,
         modules_to_save_learning_rate=modules_to_save_learning_rate,
+        tied_embeddings=tied_embeddings,
         stage=stage,
         block_size=block_size,
         validation_split_percentage=validation_split_percentage,
         init_new_embeddings=init_new_embeddings,
         max_eval_blocks=max_eval_blocks,
+        stage1_new_rows_only=stage1_new_rows_only,
     )
     launchers.pretrain(
         base_model,

@@ -31,6 +31,8 @@ def vocab(
     split_digits: bool = True,
     new_piece_score: str = "descending",
     seed: int = 42,
+    bpe_new_tokens: int = 16000,
+    bpe_min_frequency: int = 2,
 ) -> None:
     """Chinese SentencePiece (BPE) on the corpus, appended to the base model's tokenizer; ids of the base
     stay put."""
@@ -50,6 +52,8 @@ def vocab(
         split_digits=split_digits,
         new_piece_score=new_piece_score,
         seed=seed,
+        bpe_new_tokens=bpe_new_tokens,
+        bpe_min_frequency=bpe_min_frequency,
     )
     launchers.vocab(
         data,

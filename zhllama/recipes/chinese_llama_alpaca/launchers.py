@@ -122,7 +122,11 @@ def vocab(
 ) -> None:
     where = launch.step_setup(mlflow_tracking_uri, mlflow_experiment)
     base_tokenizer = next(
-        (Path(base_model.path) / n for n in ("tokenizer.model", "tokenizer.json") if (Path(base_model.path) / n).is_file()),
+        (
+            Path(base_model.path) / n
+            for n in ("tokenizer.model", "tokenizer.json")
+            if (Path(base_model.path) / n).is_file()
+        ),
         None,
     )
     if base_tokenizer is None:

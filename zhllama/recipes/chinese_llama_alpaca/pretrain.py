@@ -131,7 +131,11 @@ def lora_config(cfg: TrainArgs, tied: bool = False):
     saved = set(cfg.modules_to_save)
     # With tied embeddings, peft trains separate copies of embed_tokens and lm_head unless
     # told to keep the tie; tests/unit/chinese_llama_alpaca/test_tied.py shows both ways.
-    extra = {"ensure_weight_tying": True} if tied and {"embed_tokens", "lm_head"} <= saved and cfg.tied_embeddings == "keep" else {}
+    extra = (
+        {"ensure_weight_tying": True}
+        if tied and {"embed_tokens", "lm_head"} <= saved and cfg.tied_embeddings == "keep"
+        else {}
+    )
     return LoraConfig(
         **extra,
         r=cfg.lora_rank,

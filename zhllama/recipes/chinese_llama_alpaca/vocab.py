@@ -416,7 +416,11 @@ def run_bpe_vocab(
             "tokens_per_chinese_char_ratio": merged_stats["tokens_per_chinese_char"]
             / base_stats["tokens_per_chinese_char"],
         }
-        broken = [k for k in ("base_ids_kept", "base_merges_kept", "new_ids_after_base", "english_sample_unchanged") if not checks[k]]
+        broken = [
+            k
+            for k in ("base_ids_kept", "base_merges_kept", "new_ids_after_base", "english_sample_unchanged")
+            if not checks[k]
+        ]
         if broken or checks["added_reachable_by_bytes"] < 1.0:
             raise RuntimeError(f"BPE extension broke an invariant: {broken or 'unreachable new tokens'} ({checks})")
         write_json(tmp / METRICS_FILE, metrics)
