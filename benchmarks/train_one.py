@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from zhllama.core.training.loop import Dist, evaluate_loss
-from zhllama.recipes.chinese_llama_alpaca.configs import PretrainConfig, SftConfig, build_config
+from zhllama.recipes.chinese_llama_alpaca.stages import RECIPE
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 EVAL_PT_BLOCKS = 8
@@ -42,8 +42,8 @@ def run_pt(impl: str, args: argparse.Namespace, overrides: dict[str, Any]) -> di
 
     from zhllama.recipes.chinese_llama_alpaca import pretrain
 
-    cfg = build_config(
-        PretrainConfig,
+    cfg = RECIPE.stage_config(
+        "pretrain",
         PRESET,
         {
             "max_steps": args.steps,
@@ -96,8 +96,8 @@ def run_sft(impl: str, args: argparse.Namespace, overrides: dict[str, Any]) -> d
     from zhllama.recipes.chinese_llama_alpaca.modeling import load_tokenizer
     from zhllama.recipes.chinese_llama_alpaca.vocab import add_pad_token
 
-    cfg = build_config(
-        SftConfig, PRESET, {"max_steps": args.steps, "save_steps": 0, "eval_steps": 0, "logging_steps": 5, **overrides}
+    cfg = RECIPE.stage_config(
+        "sft", PRESET, {"max_steps": args.steps, "save_steps": 0, "eval_steps": 0, "logging_steps": 5, **overrides}
     )
     out = Path(args.out_dir)
     started = time.perf_counter()

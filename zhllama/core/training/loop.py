@@ -411,7 +411,9 @@ def train(
                 real_seen * world.world_size / max(elapsed, 1e-9),
             )
         if eval_source is not None and cfg.eval_steps and step % cfg.eval_steps == 0 and step != total_steps:
-            emit({"step": step, **evaluation()})
+            figures = evaluation()
+            log.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+            emit({"step": step, **figures})
         if cfg.save_steps and (
             step % cfg.save_steps == 0 or (stop_after_steps is not None and step == stop_after_steps)
         ):
