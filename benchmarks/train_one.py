@@ -97,7 +97,16 @@ def run_sft(impl: str, args: argparse.Namespace, overrides: dict[str, Any]) -> d
     from zhllama.recipes.chinese_llama_alpaca.vocab import add_pad_token
 
     cfg = RECIPE.stage_config(
-        "sft", PRESET, {"max_steps": args.steps, "save_steps": 0, "eval_steps": 0, "logging_steps": 5, **overrides}
+        "sft",
+        PRESET,
+        {
+            "max_steps": args.steps,
+            "save_steps": 0,
+            "eval_steps": 0,
+            "logging_steps": 5,
+            "text_mix_share": 0.0,  # the recipe replays no corpus text: the same rows for both
+            **overrides,
+        },
     )
     out = Path(args.out_dir)
     started = time.perf_counter()
