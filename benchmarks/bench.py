@@ -17,7 +17,12 @@ Sections (each measured in fresh processes, so peak RSS is the run's own):
              --pipeline_full, ``make run``'s own preset, ~3 min more): total vs the stages' own
              time (from their MLflow runs), then the same run again, cached.
 
-    .venv/bin/python -m benchmarks.bench [--quick] [--out runs/bench] [--only training,vocab]
+    .venv/bin/python -m benchmarks.bench [--quick] [--out runs/bench] [--only training,vocab] [--isa avx2]
+
+``--isa avx2`` measures as a CPU without AVX512 would run: MKL (fp32 GEMM), ATen's own kernels
+and oneDNN are each held to AVX2 through their documented switches, for every process the bench
+starts; the same cores, clocks and caches otherwise, so zhllama and the recipe still share one
+machine side by side.
 """
 
 from __future__ import annotations
@@ -557,14 +562,32 @@ def render(results: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+# Each library's own switch for the instruction set it dispatches to (read when it loads).
+ISA_ENV = {
+    "avx2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+
+
+def held_to_isa(isa: str, argv: list[str]) -> None:
+    """Re-run this bench with the ISA switches set, unless they already are (torch is loaded)."""
+    wanted = ISA_ENV[isa]
+    if all(os.environ.get(k) == v for k, v in wanted.items()):
+        return
+    log.info("re-running with %s", " ".join(f"{k}={v}" for k, v in wanted.items()))
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.bench", *argv], {**os.environ, **wanted})
+
+
 def machine() -> str:
     import platform
 
     import torch
 
+    isa = torch.backends.cpu.get_cpu_capability()
+    held = " (held to AVX2 by --isa avx2: MKL, ATen and oneDNN)" if os.environ.get("ATEN_CPU_CAPABILITY") else ""
     return (
         f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPU cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), Python {platform.python_version()}; fp32 unless a row says bf16, no GPU."
+        f"({torch.get_num_threads()} threads, kernels {isa}{held}), Python {platform.python_version()}; "
+        "fp32 unless a row says bf16, no GPU."
     )
 
 
@@ -588,6 +611,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="pipeline section with make run's own preset (~5.5 min instead of ~2.5)",
     )
+    parser.add_argument(
+        "--isa",
+        choices=["native", *ISA_ENV],
+        default="native",
+        help="avx2: measure as a CPU without AVX512 (MKL, ATen and oneDNN held to AVX2)",
+    )
     parser.add_argument("--quick", action="store_true", help="1 repeat, 2 steps: checks the harness, not the figures")
     parser.add_argument("--render", metavar="BENCH_JSON", help="only print the tables of an earlier run's bench.json")
     args = parser.parse_args(argv)
@@ -595,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         print(render(json.loads(Path(args.render).read_text(encoding="utf-8"))))
         return 0
+    if args.isa != "native":
+        held_to_isa(args.isa, sys.argv[1:] if argv is None else argv)
     if args.quick:
         args.repeats, args.bf16_repeats, args.pt_steps, args.sft_steps, args.scale_steps = 1, 1, 2, 2, 1
     sections = [s for s in args.only.split(",") if s]

@@ -22,3 +22,20 @@ def test_train_one_builds_its_configs() -> None:
 
     cfg = RECIPE.stage_config("pretrain", train_one.PRESET, {"max_steps": 2, "block_size": 256})
     assert (cfg.max_steps, cfg.block_size) == (2, 256)
+
+
+def test_isa_switch_holds_every_library_to_avx2() -> None:
+    """--isa avx2 stands for a CPU without AVX512: a process started with its switches must
+    dispatch torch's own kernels and MKL's GEMM to AVX2 (MKL_VERBOSE names the code path)."""
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.bench import ISA_ENV
+
+    code = "import torch; a = torch.ones(64, 64); a @ a; print(torch.backends.cpu.get_cpu_capability())"
+    env = {**os.environ, **ISA_ENV["avx2"], "MKL_VERBOSE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "AVX2"
+    mkl = [line for line in done.stdout.splitlines() if line.startswith("MKL_VERBOSE oneMKL")]
+    assert not mkl or "AVX2" in mkl[0] and "AVX-512" not in mkl[0], mkl

@@ -178,13 +178,13 @@ class TrainArgs:
             raise ValueError(f"{type(self).__name__}: set max_steps > 0 or num_train_epochs > 0")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"{type(self).__name__}.warmup_ratio must be in [0, 1)")
+        if self.precision not in {"fp32", "bf16", "fp16"}:
+            raise ValueError(f"{type(self).__name__}.precision must be fp32, bf16 or fp16, got {self.precision!r}")
 
     def learning_rate_for(self, parameter_name: str) -> float:
         """The peak learning rate of one parameter (by its name in the model); a recipe's
         settings may give some parameters their own."""
         return self.learning_rate
-        if self.precision not in {"fp32", "bf16", "fp16"}:
-            raise ValueError(f"{type(self).__name__}.precision must be fp32, bf16 or fp16, got {self.precision!r}")
 
 
 FLOOR_OPERATORS = (">=", "<=")

@@ -7,7 +7,7 @@ import pytest
 from zhllama.core.config import build_config, parse_bool
 from zhllama.core.io import InputError
 from zhllama.core.settings import PROJECT_ROOT
-from zhllama.recipes.chinese_llama_alpaca.configs import VocabConfig
+from zhllama.recipes.chinese_llama_alpaca.configs import PretrainConfig, SftConfig, VocabConfig
 from zhllama.recipes.chinese_llama_alpaca.stages import RECIPE
 
 PRESETS = sorted((PROJECT_ROOT / "configs").glob("*.yaml"))
@@ -35,6 +35,21 @@ def test_every_preset_loads(preset: Path) -> None:
 def test_vocab_config_rejects_bad_values(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         VocabConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("cls", "field", "value", "message"),
+    [
+        (PretrainConfig, "precision", "fp8", "precision must be fp32, bf16 or fp16"),
+        (SftConfig, "precision", "half", "precision must be fp32, bf16 or fp16"),
+        (PretrainConfig, "tied_embeddings", "share", "tied_embeddings must be 'keep' or 'untie'"),
+        (SftConfig, "lora_dropout", 1.0, "lora_dropout must be in"),
+    ],
+    ids=["pt-precision", "sft-precision", "tie-mode", "dropout-1"],
+)
+def test_training_configs_reject_bad_values(cls: type, field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        cls(**{field: value})
 
 
 def test_unknown_key_is_an_error(tmp_path: Path) -> None:
