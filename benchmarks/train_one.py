@@ -34,7 +34,7 @@ def pt_eval_source(tokenizer, tokenizer_dir: Path, valid_file: Path, block_size:
     from zhllama.recipes.chinese_llama_alpaca.pretrain import BlockSource, load_blocks
 
     blocks, _ = load_blocks([valid_file], tokenizer, tokenizer_dir, block_size, cache_dir)
-    return BlockSource(blocks[:EVAL_PT_BLOCKS])
+    return BlockSource(blocks.select(range(min(EVAL_PT_BLOCKS, len(blocks)))))
 
 
 def run_pt(impl: str, args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:

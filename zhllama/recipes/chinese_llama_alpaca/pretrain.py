@@ -14,20 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from zhllama.core.io import InputError, atomic_dir, sha256_file, write_json
+from zhllama.core.token_shards import TokenBlocks, check_shards, shard_corpus
 from zhllama.core.training.loop import Dist, init_distributed, train
 from zhllama.recipes.chinese_llama_alpaca import modeling
 from zhllama.recipes.chinese_llama_alpaca.configs import PretrainConfig, TrainArgs
-from zhllama.recipes.chinese_llama_alpaca.corpus import iter_corpus_lines
 
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
 STAGE1_MODEL_DIR = "model"
 TOKENIZER_DIR = "tokenizer"
-CACHE_VERSION = "blocks-v1"
 
 
 def default_cache_dir() -> Path:
@@ -35,19 +33,19 @@ def default_cache_dir() -> Path:
 
 
 class BlockSource:
-    """Fixed-length blocks of token ids; every token is a target."""
+    """Fixed-length blocks of token ids read from the token shards; every token is a target."""
 
-    def __init__(self, blocks: torch.Tensor) -> None:
+    def __init__(self, blocks: TokenBlocks) -> None:
         self.blocks = blocks
 
     def __len__(self) -> int:
-        return self.blocks.shape[0]
+        return len(self.blocks)
 
     def lengths(self) -> list[int]:
-        return [self.blocks.shape[1]] * len(self)
+        return [self.blocks.block_size] * len(self)
 
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        ids = self.blocks[list(indices)]
+        ids = torch.from_numpy(self.blocks.read(indices))
         return {"input_ids": ids, "labels": ids.clone()}
 
 
@@ -63,60 +61,58 @@ def tokenizer_fingerprint(tokenizer_dir: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def group_texts(token_lists: Sequence[Sequence[int]], block_size: int) -> torch.Tensor:
-    """Concatenate all documents and cut into ``block_size`` blocks; the tail is dropped."""
-    flat = [t for ids in token_lists for t in ids]
-    n = len(flat) // block_size
-    if n == 0:
-        raise InputError(
-            f"the corpus gives {len(flat)} tokens, fewer than one block of {block_size}: add text or lower block_size"
-        )
-    return torch.tensor(flat[: n * block_size], dtype=torch.int64).view(n, block_size)
-
-
 def load_blocks(
-    files: Sequence[str | os.PathLike[str]], tokenizer, tokenizer_dir, block_size: int, cache_dir: Path | None = None
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Tokenized, grouped blocks, cached on disk under a key of the tokenizer's and the
-    files' *contents* and the block size (never their names: a renamed or edited file is
-    handled correctly)."""
+    files: Sequence[str | os.PathLike[str]],
+    tokenizer,
+    tokenizer_dir,
+    block_size: int,
+    cache_dir: Path | None = None,
+    workers: int = 0,
+) -> tuple[TokenBlocks, dict[str, Any]]:
+    """Blocks of ``block_size`` cut from the corpus files' token shards (zhllama/core/token_shards.py:
+    one per file, tokenized in ``workers`` processes in bounded memory, cached under a key of
+    the file's and the tokenizer's *contents*, never their names), read by index on demand.
+    Documents are ``bos ids eos``; the files are concatenated in order and the tail dropped."""
     cache_dir = cache_dir or default_cache_dir()
-    key = hashlib.sha256(
-        "|".join(
-            [CACHE_VERSION, tokenizer_fingerprint(tokenizer_dir), str(block_size), *(sha256_file(f) for f in files)]
-        ).encode()
-    ).hexdigest()[:32]
-    path = cache_dir / "blocks" / f"{key}.safetensors"
-    if path.is_file():
-        log.info("tokenized blocks from cache %s", path)
-        return load_file(str(path))["blocks"], {"cache": "hit", "cache_key": key}
-    lines = [line for f in files for line in iter_corpus_lines(f)]
-    if not lines:
-        raise InputError(f"{', '.join(map(str, files))}: corpus is empty")
-    log.info("tokenizing %d documents (block size %d)", len(lines), block_size)
-    encoded = tokenizer(lines, add_special_tokens=False)["input_ids"]
-    docs = [[tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] for ids in encoded]
-    blocks = group_texts(docs, block_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    save_file({"blocks": blocks}, str(tmp))
-    os.replace(tmp, path)
-    return blocks, {"cache": "miss", "cache_key": key}
+    vocab_size = len(tokenizer)
+    shards, info = shard_corpus(
+        files,
+        tokenizer_dir,
+        tokenizer_fingerprint(tokenizer_dir),
+        vocab_size,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        cache_dir,
+        workers,
+    )
+    check_shards(shards, vocab_size)
+    blocks = TokenBlocks(shards, block_size)
+    log.info(
+        "%d token shard(s), %d tokens (%s, %s), %d blocks of %d",
+        len(shards),
+        info["tokens"],
+        info["dtype"],
+        "cached" if info["cache"] == "hit" else f"{info['shards_built']} tokenized",
+        len(blocks),
+        block_size,
+    )
+    return blocks, info
 
 
-def split_blocks(blocks: torch.Tensor, percent: float, seed: int, max_eval: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_blocks(blocks: TokenBlocks, percent: float, seed: int, max_eval: int) -> tuple[TokenBlocks, TokenBlocks]:
+    """Held-out blocks, a function of the seed and the block count (so of the shard set)."""
     gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(blocks.shape[0], generator=gen)
-    n_eval = int(blocks.shape[0] * percent / 100)
+    perm = torch.randperm(len(blocks), generator=gen).numpy()
+    n_eval = int(len(blocks) * percent / 100)
     if percent > 0:
         n_eval = max(1, n_eval)
     if max_eval:
         n_eval = min(n_eval, max_eval)
-    if n_eval >= blocks.shape[0]:
+    if n_eval >= len(blocks):
         raise InputError(
-            f"{blocks.shape[0]} blocks cannot spare {n_eval} for evaluation: add text or lower validation_split_percentage"
+            f"{len(blocks)} blocks cannot spare {n_eval} for evaluation: add text or lower validation_split_percentage"
         )
-    return blocks[perm[n_eval:]], blocks[perm[:n_eval]]
+    return blocks.select(perm[n_eval:]), blocks.select(perm[:n_eval])
 
 
 def ties_embeddings(model) -> bool:
