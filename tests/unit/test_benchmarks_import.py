@@ -39,3 +39,21 @@ def test_isa_switch_holds_every_library_to_avx2() -> None:
     assert done.stdout.strip().splitlines()[-1] == "AVX2"
     mkl = [line for line in done.stdout.splitlines() if line.startswith("MKL_VERBOSE oneMKL")]
     assert not mkl or "AVX2" in mkl[0] and "AVX-512" not in mkl[0], mkl
+
+
+def test_scaled_corpora_are_deterministic_copies(tmp_path) -> None:
+    """data_scale's 10x corpus: ten copies of the default lines, each seeded, the same every time."""
+    from pathlib import Path
+
+    from benchmarks.data_scale import SHARED_NOVEL, build_corpus
+
+    default = tmp_path / "train.txt"
+    default.write_text("".join(f"第{i}行。\n" for i in range(50)), encoding="utf-8")
+    a = build_corpus(default, 10, tmp_path / "a.txt")
+    b = build_corpus(default, 10, tmp_path / "b.txt")
+    text = Path(a["path"]).read_text(encoding="utf-8")
+    assert text == Path(b["path"]).read_text(encoding="utf-8")
+    lines = text.splitlines()
+    novel = len(SHARED_NOVEL.read_text(encoding="utf-8").splitlines()) if SHARED_NOVEL.is_file() else 0
+    assert len(lines) == 500 + novel and lines[:50] == default.read_text(encoding="utf-8").splitlines()
+    assert lines[50:100] != lines[:50] and sorted(lines[50:100]) == sorted(lines[:50])

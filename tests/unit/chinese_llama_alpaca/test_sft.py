@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import tiny_config
@@ -127,9 +128,75 @@ def test_replayed_corpus_rows_join_the_training_examples(pt_merged: Path, defaul
     cfg = tiny_config("sft", text_mix_share=0.2, text_mix_tokens=24)
     mixed, replayed = training_source(train, [small_corpus["train"]], tok, cfg)
     assert none == 0 and replayed == round(len(plain) * 0.25) and len(mixed) == len(plain) + replayed
-    for ids, labels in mixed.examples[len(plain) :]:
+    for i in range(len(plain), len(mixed)):
+        ids, labels = mixed.example(i)
         assert ids[0] == tok.bos_token_id and len(ids) <= 25 and labels == [IGNORE_INDEX, *ids[1:]]
     again, _ = training_source(train, [small_corpus["train"]], tok, cfg)
-    assert again.examples == mixed.examples
+    assert [again.example(i) for i in range(len(again))] == [mixed.example(i) for i in range(len(mixed))]
     with pytest.raises(InputError, match="needs the corpus text"):
         training_source(train, [], tok, cfg)
+
+
+def test_batched_cached_examples_equal_record_by_record(tmp_path: Path, pt_merged: Path, default_data: Path) -> None:
+    """The streamed, batched, cached path gives tokenize_example's ids and labels, example by
+    example (truncation and dropped prompt-only examples included); the cache is keyed by content."""
+    from zhllama.recipes.chinese_llama_alpaca import sft
+
+    tok = load_tokenizer(pt_merged)
+    add_pad_token(tok)
+    records = read_alpaca(default_data / "sft" / "valid.json")[:300]
+    records[7] = {**records[7], "input": "很长的输入" * 40}  # truncated at max_seq_length
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
+    want = [tokenize_example(tok, r, 128) for r in records]
+    want = [e for e in want if any(v != IGNORE_INDEX for v in e[1])]
+    store, info = sft.tokenized_examples(path, tok, 128, tmp_path / "cache")
+    assert info["cache"] == "miss" and [store[i] for i in range(len(store))] == want
+    assert store.ids.dtype == np.uint16 and list(store.lengths()) == [len(ids) for ids, _ in want]
+    copy = tmp_path / "renamed.jsonl"
+    copy.write_bytes(path.read_bytes())
+    again, info = sft.tokenized_examples(copy, tok, 128, tmp_path / "cache")
+    assert info["cache"] == "hit" and [again[i] for i in range(len(again))] == want
+    assert sft.tokenized_examples(copy, tok, 100, tmp_path / "cache")[1]["cache"] == "miss"
+    ids_file = next((tmp_path / "cache" / "sft").glob(f"{info['cache_key']}.ids"))
+    ids_file.write_bytes(ids_file.read_bytes()[:-10])  # truncated: rebuilt, never read
+    rebuilt, info = sft.tokenized_examples(copy, tok, 128, tmp_path / "cache")
+    assert info["cache"] == "miss" and [rebuilt[i] for i in range(len(rebuilt))] == want
+
+
+def test_json_lists_stream_record_by_record(tmp_path: Path, monkeypatch) -> None:
+    from zhllama.recipes.chinese_llama_alpaca import sft
+
+    records = [{"instruction": f"指令{i}", "input": "中文" * (i % 5), "output": "好"} for i in range(2000)]
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=2), encoding="utf-8")
+    monkeypatch.setattr(sft, "READ_BYTES", 777)  # records and characters cut across reads
+    assert read_alpaca(path) == records
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(records[:50], indent=2)[:-40] + "}, oops]", encoding="utf-8")
+    with pytest.raises(InputError, match=r"broken\.json:\d+: malformed JSON"):
+        read_alpaca(broken)
+
+
+PEAK = """
+import sys
+from zhllama.recipes.chinese_llama_alpaca.sft import iter_alpaca
+n = sum(1 for _ in iter_alpaca(sys.argv[1]))
+with open("/proc/self/status") as status:
+    print(n, next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) // 1024)
+"""
+
+
+def test_reading_a_large_instruction_file_keeps_memory_flat(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    record = {"instruction": "判断下面这条评论的情感倾向。", "input": "质量很好，非常满意。" * 8, "output": "正面"}
+    peaks = {}
+    for count in (2_000, 200_000):  # ~0.5 MB and ~50 MB of JSON
+        path = tmp_path / f"n{count}.json"
+        path.write_text(json.dumps([record] * count, ensure_ascii=False), encoding="utf-8")
+        done = subprocess.run([sys.executable, "-c", PEAK, str(path)], capture_output=True, text=True, check=True)
+        n, peaks[count] = (int(v) for v in done.stdout.split())
+        assert n == count
+    assert peaks[200_000] < peaks[2_000] + 16, f"peak RSS grew with the file: {peaks} MB"

@@ -3,17 +3,20 @@ masked out of the loss, a distinct ``[PAD]`` is added, batches are grouped by le
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from zhllama.core.io import InputError, atomic_dir, write_json
+from zhllama.core.io import InputError, atomic_dir, atomic_file, read_json, sha256_file, write_json
 from zhllama.core.training.loop import Dist, init_distributed, train
 from zhllama.core.training.loss import IGNORE_INDEX, pad_rows
 from zhllama.recipes.chinese_llama_alpaca import modeling
@@ -25,6 +28,8 @@ from zhllama.recipes.chinese_llama_alpaca.vocab import add_pad_token
 log = logging.getLogger(__name__)
 
 FIELDS = ("instruction", "input", "output")
+SFT_CACHE_VERSION = "sft-tokens-v1"
+TOKENIZE_BATCH = 1024  # records per batched tokenizer call
 
 
 def _check_record(record: Any, where: str) -> dict[str, str]:
@@ -39,45 +44,138 @@ def _check_record(record: Any, where: str) -> dict[str, str]:
     return {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
 
 
-def read_alpaca(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """Read alpaca-format JSON (a list of objects) or JSONL (one object per line)."""
+READ_BYTES = 1 << 20  # streamed JSON is read this much at a time
+MAX_RECORD_BYTES = 64 << 20  # one record larger than this is an error, not a reason to read the file whole
+
+
+def _not_utf8(path: Path, err: UnicodeDecodeError, offset: int) -> InputError:
+    return InputError(f"{path}: not UTF-8 ({err.reason} at byte {offset + err.start})")
+
+
+def _iter_json_array(path: Path, handle) -> Iterator[tuple[str, Any]]:
+    """The items of a JSON list, parsed one at a time from a sliding buffer (the file is never
+    held whole: a million-record file streams in bounded memory)."""
+    decoder = json.JSONDecoder()
+    buffer, line, eof, index, offset = "", 1, False, 0, 0
+    decode = codecs.getincrementaldecoder("utf-8")()
+
+    def more() -> bool:
+        nonlocal buffer, eof, offset
+        chunk = handle.read(READ_BYTES)
+        try:
+            buffer += decode.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as err:
+            raise _not_utf8(path, err, offset) from None
+        offset += len(chunk)
+        eof = not chunk
+        return bool(chunk)
+
+    def skip(chars: str) -> None:
+        nonlocal buffer, line
+        while True:
+            stripped = buffer.lstrip(chars)
+            line += buffer.count("\n", 0, len(buffer) - len(stripped))
+            buffer = stripped
+            if buffer or not more():
+                return
+
+    skip(" \t\r\n")
+    if not buffer.startswith("["):
+        raise InputError(f"{path}: expected a JSON list of records or JSONL (one record per line)")
+    buffer = buffer[1:]
+    skip(" \t\r\n")
+    if buffer.startswith("]"):
+        return
+    while True:
+        skip(" \t\r\n")
+        while True:
+            try:
+                item, end = decoder.raw_decode(buffer)
+                break
+            except json.JSONDecodeError as err:
+                if eof or len(buffer) > MAX_RECORD_BYTES:
+                    where = line + buffer.count("\n", 0, err.pos)
+                    raise InputError(f"{path}:{where}: malformed JSON ({err.msg})") from None
+                more()
+        yield f"{path}: record {index}", item
+        index += 1
+        line += buffer.count("\n", 0, end)
+        buffer = buffer[end:]
+        skip(" \t\r\n")
+        if buffer.startswith(","):
+            buffer = buffer[1:]
+            continue
+        if buffer.startswith("]"):
+            return
+        raise InputError(f"{path}:{line}: malformed JSON (expected ',' or ']' after record {index - 1})")
+
+
+def _one_object_file(path: Path) -> None:
+    """Raise the shape error when the whole file is one JSON object (not a list, not JSONL)."""
+    try:
+        whole = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return
+    if isinstance(whole, dict):
+        raise InputError(
+            f"{path}: expected a JSON list of records or JSONL (one record per line), "
+            f"got an object with keys {sorted(whole)[:5]}"
+        )
+
+
+def iter_alpaca(path: str | os.PathLike[str]) -> Iterator[dict[str, str]]:
+    """Alpaca-format records, checked one by one as they stream from JSON (a list of objects)
+    or JSONL (one object per line): neither is parsed into memory whole."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: instruction file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from None
-    stripped = text.lstrip()
-    if not stripped:
-        raise InputError(f"{path}: instruction file is empty")
-    records: list[dict[str, str]] = []
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError:
-        whole = None  # JSONL (or broken JSON, reported below with its line)
-    if whole is not None and not isinstance(whole, list) and not (isinstance(whole, dict) and "instruction" in whole):
-        shape = f"an object with keys {sorted(whole)[:5]}" if isinstance(whole, dict) else f"a {type(whole).__name__}"
-        raise InputError(f"{path}: expected a JSON list of records or JSONL (one record per line), got {shape}")
-    if stripped.startswith("["):
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
-        for i, record in enumerate(data):
-            records.append(_check_record(record, f"{path}: record {i}"))
-    else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{lineno}: malformed JSON line ({err.msg}, column {err.colno})") from None
-            records.append(_check_record(record, f"{path}:{lineno}"))
-    if not records:
-        raise InputError(f"{path}: no instruction records")
-    return records
+            first = head.decode("utf-8", errors="strict" if len(head) < 4096 else "ignore").lstrip()
+        except UnicodeDecodeError as err:
+            raise _not_utf8(path, err, 0) from None
+        if not first and not handle.read(1):
+            raise InputError(f"{path}: instruction file is empty")
+        handle.seek(0)
+        count = 0
+        if first.startswith("["):
+            for where, record in _iter_json_array(path, handle):
+                count += 1
+                yield _check_record(record, where)
+        else:
+            for lineno, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise InputError(f"{path}:{lineno}: not UTF-8 ({err.reason})") from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    if count == 0 and path.stat().st_size <= MAX_RECORD_BYTES:
+                        _one_object_file(path)  # a pretty-printed object: say what shape it has
+                    raise InputError(f"{path}:{lineno}: malformed JSON line ({err.msg}, column {err.colno})") from None
+                if isinstance(record, dict) and "instruction" not in record and lineno == 1:
+                    raise InputError(
+                        f"{path}: expected a JSON list of records or JSONL (one record per line), "
+                        f"got an object with keys {sorted(record)[:5]}"
+                    )
+                if not isinstance(record, dict) and count == 0:
+                    raise InputError(
+                        f"{path}: expected a JSON list of records or JSONL (one record per line), "
+                        f"got a {type(record).__name__}"
+                    )
+                count += 1
+                yield _check_record(record, f"{path}:{lineno}")
+        if count == 0:
+            raise InputError(f"{path}: no instruction records")
+
+
+def read_alpaca(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """Every record of an alpaca-format JSON or JSONL file (small files: evaluation splits)."""
+    return list(iter_alpaca(path))
 
 
 def tokenize_example(tokenizer, record: dict[str, str], max_seq_length: int) -> tuple[list[int], list[int]]:
@@ -89,20 +187,175 @@ def tokenize_example(tokenizer, record: dict[str, str], max_seq_length: int) -> 
     return ids, labels
 
 
-class SftSource:
-    def __init__(self, examples: list[tuple[list[int], list[int]]], pad_id: int) -> None:
-        self.examples = examples
-        self.pad_id = pad_id
+class TokenizedExamples:
+    """Tokenized examples in two flat arrays, memory-mapped from the cache: every example's ids
+    one after another (the narrowest dtype that holds the vocabulary) and an index of
+    (offset, length, prompt length) per example; labels are the ids with the prompt masked."""
+
+    def __init__(self, ids: np.ndarray, index: np.ndarray) -> None:
+        self.ids, self.index = ids, index
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.index)
+
+    def lengths(self) -> np.ndarray:
+        return self.index[:, 1]
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
+        offset, length, prompt = (int(v) for v in self.index[i])
+        ids = self.ids[offset : offset + length].tolist()
+        return ids, [IGNORE_INDEX] * prompt + ids[prompt:]
+
+
+class SftSource:
+    """Instruction examples (a TokenizedExamples store, or rows as lists) and any replayed text
+    rows after them, as one source the loop orders and collates."""
+
+    def __init__(self, examples: Sequence[tuple[list[int], list[int]]] | TokenizedExamples, pad_id: int) -> None:
+        self.parts: list[Any] = [examples]
+        self.pad_id = pad_id
+
+    def add(self, rows: Sequence[tuple[list[int], list[int]]]) -> None:
+        self.parts.append(rows)
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
 
     def lengths(self) -> list[int]:
-        return [len(ids) for ids, _ in self.examples]
+        out: list[int] = []
+        for part in self.parts:
+            out.extend(part.lengths().tolist() if isinstance(part, TokenizedExamples) else [len(r[0]) for r in part])
+        return out
+
+    def example(self, i: int) -> tuple[list[int], list[int]]:
+        for part in self.parts:
+            if i < len(part):
+                return part[i]
+            i -= len(part)
+        raise IndexError(i)
 
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Pad input_ids with the pad id, labels with -100, attention_mask 0 over padding."""
-        return pad_rows([self.examples[i] for i in indices], self.pad_id)
+        return pad_rows([self.example(i) for i in indices], self.pad_id)
+
+
+def tokenize_records(tokenizer, records: Sequence[dict[str, str]], max_seq_length: int) -> list[tuple[list[int], int]]:
+    """(ids, prompt length) per record, batched through the fast tokenizer (its Rust threads
+    share the batch out); the same ids as tokenize_example, record by record (tested)."""
+    prompts = [build_prompt(r["instruction"], r["input"]) for r in records]
+    sources = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    targets = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
+    out = []
+    for source, target in zip(sources, targets, strict=True):
+        ids = (source + target + [tokenizer.eos_token_id])[:max_seq_length]
+        out.append((ids, min(len(source), max_seq_length)))
+    return out
+
+
+def tokenizer_content_key(tokenizer) -> str:
+    """The tokenizer's whole state (vocabulary, merges, added tokens such as [PAD]) hashed."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def tokenized_examples(
+    path: str | os.PathLike[str], tokenizer, max_seq_length: int, cache_dir: Path | None = None, limit: int = 0
+) -> tuple[TokenizedExamples, dict[str, Any]]:
+    """The file's examples tokenized in batches as its records stream in, cached under a key
+    of the file's and the tokenizer's contents and max_seq_length: a million-record file is
+    never held whole, as records or as Python ints. Examples whose prompt fills
+    max_seq_length (no target left) are dropped."""
+    from zhllama.core.token_shards import cached_source_sha256, token_dtype
+    from zhllama.recipes.chinese_llama_alpaca.pretrain import default_cache_dir
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: instruction file not found")
+    cache_dir = cache_dir or default_cache_dir()
+    source_sha = cached_source_sha256(path, cache_dir)
+    key = hashlib.sha256(
+        f"{SFT_CACHE_VERSION}|{tokenizer_content_key(tokenizer)}|{source_sha}|{max_seq_length}|{limit}".encode()
+    ).hexdigest()[:32]
+    root = cache_dir / "sft"
+    ids_path, index_path, meta_path = root / f"{key}.ids", root / f"{key}.index.npy", root / f"{key}.json"
+    cached = _open_examples(ids_path, index_path, meta_path)
+    if cached is not None:
+        return cached, {"cache": "hit", "cache_key": key}
+    dtype = token_dtype(len(tokenizer))
+    rows: list[np.ndarray] = []
+    batch: list[dict[str, str]] = []
+    offset = seen = 0
+    digest = hashlib.sha256()
+    meta_path.unlink(missing_ok=True)
+
+    def flush(handle) -> None:
+        nonlocal offset
+        for ids, prompt in tokenize_records(tokenizer, batch, max_seq_length):
+            if prompt >= len(ids):
+                continue  # the prompt filled max_seq_length
+            data = np.asarray(ids, dtype=dtype).astype(dtype.newbyteorder("<"), copy=False).tobytes()
+            handle.write(data)
+            digest.update(data)
+            rows.append(np.asarray([offset, len(ids), prompt], dtype=np.int64))
+            offset += len(ids)
+        batch.clear()
+
+    with atomic_file(ids_path, mode="wb", encoding=None) as handle:
+        for record in iter_alpaca(path):
+            batch.append(record)
+            seen += 1
+            if len(batch) == TOKENIZE_BATCH:
+                flush(handle)
+            if limit and seen == limit:
+                break
+        flush(handle)
+    if not rows:
+        raise InputError(f"{path}: every example's prompt is longer than max_seq_length={max_seq_length}")
+    index = np.stack(rows)
+    with atomic_file(index_path, mode="wb", encoding=None) as handle:
+        np.save(handle, index)
+    write_json(
+        meta_path,
+        {
+            "version": SFT_CACHE_VERSION,
+            "dtype": dtype.name,
+            "tokens": offset,
+            "examples": len(index),
+            "ids_sha256": digest.hexdigest(),
+            "ids_mtime_ns": ids_path.stat().st_mtime_ns,
+            "source": str(path),
+            "source_sha256": source_sha,
+        },
+    )
+    log.info("%s: %d examples tokenized (%d tokens, %s)", path, len(index), offset, dtype.name)
+    return _open_examples(ids_path, index_path, meta_path) or _broken(ids_path), {"cache": "miss", "cache_key": key}
+
+
+def _broken(path: Path) -> TokenizedExamples:
+    raise InputError(f"{path}: the tokenized examples just written do not read back")
+
+
+def _open_examples(ids_path: Path, index_path: Path, meta_path: Path) -> TokenizedExamples | None:
+    """The cached examples when whole (sidecar there, sizes match, hash when the file changed)."""
+    if not (ids_path.is_file() and index_path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = read_json(meta_path)
+        index = np.load(index_path, mmap_mode="r")
+    except (InputError, ValueError, OSError) as err:
+        log.warning("%s: unreadable cache (%s): re-tokenizing", index_path, err)
+        return None
+    stat = ids_path.stat()
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    if meta.get("version") != SFT_CACHE_VERSION or index.shape != (meta["examples"], 3):
+        return None
+    if stat.st_size != meta["tokens"] * itemsize:
+        log.warning("%s: truncated (%d of %d bytes): re-tokenizing", ids_path, stat.st_size, meta["tokens"] * itemsize)
+        return None
+    if stat.st_mtime_ns != meta["ids_mtime_ns"] and sha256_file(ids_path) != meta["ids_sha256"]:
+        log.warning("%s: content hash differs from its sidecar: re-tokenizing", ids_path)
+        return None
+    ids = np.memmap(ids_path, dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))
+    return TokenizedExamples(ids, index)
 
 
 def text_rows(
@@ -129,14 +382,8 @@ def text_rows(
     return rows
 
 
-def build_source(path, tokenizer, max_seq_length: int, limit: int = 0) -> SftSource:
-    records = read_alpaca(path)
-    if limit:
-        records = records[:limit]
-    examples = [tokenize_example(tokenizer, r, max_seq_length) for r in records]
-    examples = [e for e in examples if any(lab != IGNORE_INDEX for lab in e[1])]  # prompt filled max_seq_length
-    if not examples:
-        raise InputError(f"{path}: every example's prompt is longer than max_seq_length={max_seq_length}")
+def build_source(path, tokenizer, max_seq_length: int, limit: int = 0, cache_dir: Path | None = None) -> SftSource:
+    examples, _ = tokenized_examples(path, tokenizer, max_seq_length, cache_dir, limit)
     return SftSource(examples, tokenizer.pad_token_id)
 
 
@@ -176,7 +423,7 @@ def training_source(
         raise InputError("sft.text_mix_share > 0 needs the corpus text to replay (--mix_text)")
     wanted = round(len(source) * cfg.text_mix_share / (1 - cfg.text_mix_share))
     extra = text_rows(text_files, tokenizer, wanted, cfg.text_mix_tokens, cfg.seed)
-    source.examples.extend(extra)
+    source.add(extra)
     log.info(
         "replaying %d rows of %d corpus tokens (%.0f%% of rows)",
         len(extra),
