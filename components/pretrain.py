@@ -15,7 +15,7 @@ from components.images import IMAGE_CPU, IMAGE_CUDA
 def pretrain(
     base_model: Input[Model],
     vocab: Input[Model],
-    data: Input[Dataset],
+    shards: Input[list[Dataset]],
     run: Output[Model],
     metrics: Output[Metrics],
     mlflow_tracking_uri: str = "",
@@ -96,7 +96,7 @@ def pretrain(
     launchers.pretrain(
         base_model,
         vocab,
-        data,
+        shards,
         run,
         metrics,
         config,

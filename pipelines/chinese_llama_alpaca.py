@@ -1,8 +1,9 @@
 """The Chinese-LLaMA-Alpaca recipe as one Kubeflow pipeline:
 
-    prerequisites -> data -> base -> vocab -> [pretrain stage 1] -> pretrain stage 2 -> merge_pt
+    prerequisites -> data -> base -> vocab -> tokenize (one per corpus file, ParallelFor)
+                  -> [pretrain stage 1] -> pretrain stage 2 -> merge_pt
                   -> sft -> merge_final -> evaluate -> register (gated promotion)
-                  [base -> pretrain with the base vocabulary -> merge -> evaluate: the ablation]
+                  [base -> tokenize -> pretrain with the base vocabulary -> merge -> evaluate: the ablation]
 
 Wiring only: every step is a component over zhllama, every knob a pipeline parameter: the
 signature is pipelines/signature.py, written with the components from the recipe's stage table
@@ -29,6 +30,7 @@ from components.prerequisites import prerequisites_cpu as prerequisites
 from components.pretrain import pretrain_cpu, pretrain_gpu
 from components.register import register_cpu as register
 from components.sft import sft_cpu, sft_gpu
+from components.tokenize import tokenize_cpu as tokenize
 from components.vocab import vocab_cpu as vocab
 from pipelines import signature
 
@@ -112,9 +114,23 @@ def build_pipeline(gpus: int = 0, code_version: str | None = None):
         )
         pt = {**by_stage["pretrain"], **track, **scale}
 
-        def pretrained(stage: int, display: str, base_model_in, vocab_in, **more: Any) -> dsl.PipelineTask:
+        def tokenized(display: str, vocab_in, vocab_subdir: str):
+            """The fan-out: one tokenize step per corpus file (each its own pod and cache entry on a
+            cluster), collected into the PT step's list of shards."""
+            with dsl.ParallelFor(p["pt_corpus_files"]) as corpus_file:
+                task = tokenize(
+                    data=dataset.outputs["dataset"],
+                    vocab=vocab_in,
+                    corpus_file=corpus_file,
+                    vocab_subdir=vocab_subdir,
+                    **track,
+                )
+                _cluster(task.set_display_name(display), CPU_STEP)
+            return task.outputs["shard"]  # each consumer takes its own dsl.Collected of it (kfp rewrites one in place)
+
+        def pretrained(stage: int, display: str, base_model_in, vocab_in, shards_in, **more: Any) -> dsl.PipelineTask:
             task = pretrain_op(
-                base_model=base_model_in, vocab=vocab_in, data=dataset.outputs["dataset"], stage=stage, **{**pt, **more}
+                base_model=base_model_in, vocab=vocab_in, shards=dsl.Collected(shards_in), stage=stage, **{**pt, **more}
             )
             return _cluster(task.set_display_name(display), TRAIN_STEP, gpus)
 
@@ -129,10 +145,10 @@ def build_pipeline(gpus: int = 0, code_version: str | None = None):
             )
             return _cluster(task.set_display_name(display), MERGE_STEP)
 
-        def after_pretraining(pt_base, pt_base_subdir: str) -> None:
+        def after_pretraining(pt_base, pt_base_subdir: str, shards) -> None:
             """Stage 2, merges, SFT, evaluation and registration: the same in both branches."""
             stage2 = pretrained(
-                2, "pretrain-stage2", pt_base, tokenizer.outputs["tokenizer"], base_model_subdir=pt_base_subdir
+                2, "pretrain-stage2", pt_base, tokenizer.outputs["tokenizer"], shards, base_model_subdir=pt_base_subdir
             )
             merged_pt = merged("merge-pt", pt_base, stage2.outputs["run"], base_model_subdir=pt_base_subdir)
             tuned = _cluster(
@@ -178,7 +194,13 @@ def build_pipeline(gpus: int = 0, code_version: str | None = None):
                 # Stage 2 from the raw base with its own vocabulary (no merge): the same steps and tokens.
                 raw = base_model.outputs["model"]
                 ablation = pretrained(
-                    2, "pretrain-base-vocab", raw, raw, vocab_subdir="", stage_name="pretrain_base_vocab"
+                    2,
+                    "pretrain-base-vocab",
+                    raw,
+                    raw,
+                    tokenized("tokenize-base-vocab", raw, ""),
+                    vocab_subdir="",
+                    stage_name="pretrain_base_vocab",
                 )
                 evaluate_and_register(
                     pt_base_vocab=merged("merge-base-vocab", raw, ablation.outputs["run"]).outputs["merged"]
@@ -187,16 +209,22 @@ def build_pipeline(gpus: int = 0, code_version: str | None = None):
                 evaluate_and_register()
 
         with dsl.If(p["pt_stage1"] == True, name="pt-stage1-then-stage2"):  # noqa: E712 - a KFP condition, not a Python comparison
+            shards = tokenized("tokenize", tokenizer.outputs["tokenizer"], "tokenizer")
             stage1 = pretrained(
                 1,
                 "pretrain-stage1",
                 base_model.outputs["model"],
                 tokenizer.outputs["tokenizer"],
+                shards,
                 max_steps=p["pt_stage1_max_steps"],
             )
-            after_pretraining(stage1.outputs["run"], "model")
+            after_pretraining(stage1.outputs["run"], "model", shards)
         with dsl.Else(name="pt-stage2-only"):
-            after_pretraining(base_model.outputs["model"], "")
+            # a Collected is consumed in the condition branch that holds its loop (kfp's compiler
+            # cannot pass one into another group), so each branch fans out on its own
+            after_pretraining(
+                base_model.outputs["model"], "", tokenized("tokenize", tokenizer.outputs["tokenizer"], "tokenizer")
+            )
 
     # The signature KFP reads: the generated one's typed parameters, with their defaults.
     wire.__signature__ = inspect.signature(signature.parameters).replace(return_annotation=inspect.Signature.empty)

@@ -107,6 +107,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         resume=args.resume,
         name=args.stage_name,
         where=_where(args),
+        shard_dirs=args.shards or (),
     )
     _print_train_summary(metrics, args.out)
     return 0
@@ -321,6 +322,12 @@ def _pretrain_io(p: argparse.ArgumentParser) -> None:
         help="merged tokenizer directory (vocab stage); the base model's own for the base-vocabulary ablation",
     )
     p.add_argument("--train", nargs="+", default=["data/corpus/train.txt"], help="plain-text corpus files")
+    p.add_argument(
+        "--shards",
+        nargs="+",
+        default=None,
+        help="token shard folders (the pipeline's tokenize steps) to train on instead of --train",
+    )
     p.add_argument("--out", default="runs/pt")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --out")
     p.add_argument(

@@ -15,9 +15,15 @@ from zhllama.recipes.chinese_llama_alpaca.stages import RECIPE
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
-# configs/tiny.yaml as pipeline arguments, with two training steps a stage: the DAG is under test here
-TINY = {**RECIPE.preset_arguments(TINY_PRESET), "pt_max_steps": 2, "sft_max_steps": 2}
-STEPS = {"prerequisites", "data", "base", "vocab", "pretrain", "merge", "sft", "evaluate", "register"}
+# configs/tiny.yaml as pipeline arguments, with two training steps a stage: the DAG is under test here.
+# Two corpus files: the tokenize fan-out runs two tasks, collected into each PT step.
+TINY = {
+    **RECIPE.preset_arguments(TINY_PRESET),
+    "pt_max_steps": 2,
+    "sft_max_steps": 2,
+    "pt_corpus_files": ["corpus/train.txt", "corpus/valid.txt"],
+}
+STEPS = {"prerequisites", "data", "base", "vocab", "tokenize", "pretrain", "merge", "sft", "evaluate", "register"}
 
 
 def test_first_run_trains_every_step_and_registers_a_champion(local_runs, server_tracking) -> None:
@@ -41,6 +47,12 @@ def test_first_run_trains_every_step_and_registers_a_champion(local_runs, server
     # the ablation ran (on by default): PT with the base vocabulary only, merged, scored beside PT-merged
     assert {"pretrain_base_vocab", "merge_base_vocab"} <= {r.data.tags["mlflow.runName"] for r in children}
     assert "pt_base_vocab_bits_per_char" in parent.data.metrics and "task_majority_share" in parent.data.metrics
+    # the fan-out: a tokenize loop per tokenizer (merged, and the base's for the ablation; kfp.local
+    # names every iteration after its task), each PT step trained on both files' shards
+    assert len({s for s in (*first["step_seconds"], *first["cached_steps"]) if s.startswith("tokenize")}) == 2
+    for pt_name in ("pretrain_stage2", "pretrain_base_vocab"):
+        pt_run = next(r for r in children if r.data.tags["mlflow.runName"] == pt_name)
+        assert pt_run.data.metrics.get("data.shards") == 2, pt_name
     champion = registry.champion_version(tracker.client, name)
     assert champion.tags["zhllama.pipeline_run_id"] == first["pipeline_run_id"]
 

@@ -49,7 +49,13 @@ def _signature_lines(params: list[tuple[str, Any, Any]], indent: str = "    ") -
 
 def component_source(recipe: Recipe, stage: Stage, table: str, launchers: str) -> str:
     """One stage's component module: a typed function whose body builds the config and makes one call."""
-    artifact_types = sorted({*stage.inputs.values(), *stage.optional_inputs.values(), *stage.outputs.values()})
+    # "list[Dataset]": a list of artifacts (a fan-out's dsl.Collected); the import is the artifact type
+    artifact_types = sorted(
+        {
+            kind.removeprefix("list[").removesuffix("]")
+            for kind in (*stage.inputs.values(), *stage.optional_inputs.values(), *stage.outputs.values())
+        }
+    )
     kinds = ["Input"] * bool(stage.inputs or stage.optional_inputs) + ["Output"] * bool(stage.outputs)
     tracking = [(n, tp, d) for n, tp, d, _ in recipe.tracking_parameters]
     extra = [(n, tp, d) for n, tp, d, _ in stage.parameters]

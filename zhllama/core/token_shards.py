@@ -58,6 +58,7 @@ class Shard:
     sha256: str
     source: str
     source_sha256: str
+    name: str = ""  # the file's name inside its data set (corpus/train.txt): the shard set's order
 
     @property
     def itemsize(self) -> int:
@@ -173,6 +174,7 @@ def tokenize_file(
     workers: int = 1,
     chunk_bytes: int = CHUNK_BYTES,
     source_sha256: str | None = None,
+    name: str = "",
 ) -> Shard:
     """Tokenize one corpus file (UTF-8, one document per non-blank line) into the shard ``out``
     (``out`` and ``out.json``, the sidecar last). Bad input: one ``InputError`` naming the
@@ -212,6 +214,7 @@ def tokenize_file(
         sha256=digest.hexdigest(),
         source=str(path),
         source_sha256=source_sha256 or sha256_file(path),
+        name=name or path.name,
     )
     write_json(sidecar(out), {**_fields(shard), "version": SHARD_VERSION, "mtime_ns": out.stat().st_mtime_ns})
     return shard
@@ -235,7 +238,7 @@ def open_shard(path: str | os.PathLike[str], verify: bool = True) -> Shard | Non
         return None
     try:
         meta = read_json(meta_path)
-        shard = Shard(**{f.name: meta[f.name] for f in dataclasses.fields(Shard)} | {"path": path})
+        shard = Shard(**{f.name: meta[f.name] for f in dataclasses.fields(Shard) if f.name in meta} | {"path": path})
     except (InputError, KeyError, TypeError) as err:
         log.warning("%s: unreadable sidecar (%s): rebuilding", meta_path, err)
         return None
@@ -324,6 +327,58 @@ def shard_corpus(
         "cache_key": hashlib.sha256("|".join(s.sha256 for s in shards).encode()).hexdigest()[:32],
     }
     return shards, info
+
+
+SHARD_FILE = "shard.bin"
+
+
+def write_shard_dir(
+    corpus_file: str | os.PathLike[str],
+    name: str,
+    tokenizer_dir: str | os.PathLike[str],
+    vocab_size: int,
+    bos: int | None,
+    eos: int | None,
+    out_dir: str | os.PathLike[str],
+    workers: int = 0,
+) -> Shard:
+    """One corpus file's shard as a folder of its own (``shard.bin`` + sidecar): the output of
+    one fan-out task of the pipeline, handed to the PT step with the others."""
+    tokenizer_json = Path(tokenizer_dir) / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        raise InputError(f"{tokenizer_dir}: no tokenizer.json (the fast tokenizer the model uses)")
+    return tokenize_file(
+        corpus_file,
+        tokenizer_json,
+        Path(out_dir) / SHARD_FILE,
+        vocab_size,
+        bos,
+        eos,
+        workers or os.cpu_count() or 1,
+        name=name,
+    )
+
+
+def read_shard_dirs(dirs: Sequence[str | os.PathLike[str]], vocab_size: int) -> list[Shard]:
+    """The hand-off: every shard folder whole (size and sha256 checked now, whatever the file
+    times say), ordered by the corpus file names (not by the order the tasks finished), one
+    dtype, every id below the vocabulary size; empty shards dropped, an all-empty set refused."""
+    shards = []
+    for folder in dirs:
+        shard = open_shard(Path(folder) / SHARD_FILE, verify="always")
+        if shard is None:
+            raise InputError(
+                f"{folder}: not a whole token shard ({SHARD_FILE} and its sidecar, matching size and hash)"
+            )
+        shards.append(shard)
+    names = [s.name for s in shards]
+    if len(set(names)) != len(names):
+        raise InputError(f"token shards name one corpus file twice: {sorted(names)}")
+    shards = sorted((s for s in shards if s.tokens), key=lambda s: s.name)
+    if not shards:
+        raise InputError(f"{', '.join(map(str, dirs))}: every token shard is empty")
+    check_shards(shards, vocab_size)
+    return shards
 
 
 def check_shards(shards: Sequence[Shard], vocab_size: int) -> None:

@@ -189,3 +189,47 @@ def test_memory_stays_flat_as_the_corpus_grows(tmp_path: Path, vocab_run, tok, s
         )
         peaks[factor] = int(done.stdout.split()[-1])
     assert peaks[8] < peaks[1] + 16, f"peak RSS grew with the corpus: {peaks} MB (corpus {len(text) / 2**20:.1f} MB x1)"
+
+
+def test_shard_folders_hand_off_in_name_order_and_checked(tmp_path: Path, vocab_run, tok, small_corpus) -> None:
+    """The pipeline's fan-out: one folder per corpus file (the tokenize launcher), handed to PT
+    in the order of the files' names whatever order the tasks finished in, each verified."""
+    from types import SimpleNamespace
+
+    from zhllama.core.token_shards import read_shard_dirs
+    from zhllama.recipes.chinese_llama_alpaca import launchers
+
+    data = tmp_path / "data"
+    (data / "corpus").mkdir(parents=True)
+    a, b = two_files(tmp_path, small_corpus)
+    (data / "corpus" / "a.txt").write_bytes(a.read_bytes())
+    (data / "corpus" / "b.txt").write_bytes(b.read_bytes())
+    (data / "zhllama_data.json").write_text('{"md5": "abc.dir"}', encoding="utf-8")
+    vocab = SimpleNamespace(path=str(vocab_run))
+    outs = {}
+    for name in ("corpus/b.txt", "corpus/a.txt"):  # finished in the "wrong" order
+        shard = SimpleNamespace(path=str(tmp_path / name.replace("/", "_")), metadata={})
+        launchers.tokenize(SimpleNamespace(path=str(data)), vocab, shard, corpus_file=name)
+        assert shard.metadata["tokens"] > 0 and (Path(shard.path) / "zhllama_data.json").is_file()
+        outs[name] = shard.path
+    shards = read_shard_dirs(list(outs.values()), len(tok))
+    assert [s.name for s in shards] == ["corpus/a.txt", "corpus/b.txt"]
+    blocks = TokenBlocks(shards, 64)
+    assert np.array_equal(blocks.read(range(len(blocks))), in_memory_blocks([a, b], tok, 64))
+    with pytest.raises(InputError, match="not a file inside the data set"):
+        launchers.tokenize(
+            SimpleNamespace(path=str(data)),
+            vocab,
+            SimpleNamespace(path=str(tmp_path / "x"), metadata={}),
+            corpus_file="../a.txt",
+        )
+    with pytest.raises(InputError, match="name one corpus file twice"):
+        read_shard_dirs([outs["corpus/a.txt"], outs["corpus/a.txt"]], len(tok))
+    with pytest.raises(InputError, match="not below the vocabulary size"):
+        read_shard_dirs(list(outs.values()), 300)
+    bad = Path(outs["corpus/a.txt"]) / "shard.bin"
+    raw = bytearray(bad.read_bytes())
+    raw[10] ^= 0xFF
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match="not a whole token shard"):
+        read_shard_dirs(list(outs.values()), len(tok))

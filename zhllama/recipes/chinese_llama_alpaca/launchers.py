@@ -151,10 +151,30 @@ def _tracking_flags(mlflow_experiment: str) -> list[str]:
     return ["--experiment", mlflow_experiment] if mlflow_experiment else []
 
 
+def tokenize(
+    data: Any,
+    vocab: Any,
+    shard: Any,
+    corpus_file: str = "corpus/train.txt",
+    vocab_subdir: str = "tokenizer",
+    mlflow_tracking_uri: str = "",
+    mlflow_experiment: str = "",
+) -> None:
+    launch.step_setup(mlflow_tracking_uri, mlflow_experiment)
+    root = Path(data.path)
+    path = (root / corpus_file).resolve()
+    if root.resolve() not in path.parents:
+        raise InputError(f"corpus_file {corpus_file!r}: not a file inside the data set")
+    info = runs.tokenize(
+        path, corpus_file, launch.subdir(vocab.path, vocab_subdir), shard.path, root / runs.DATA_MANIFEST
+    )
+    shard.metadata.update(info)
+
+
 def pretrain(
     base_model: Any,
     vocab: Any,
-    data: Any,
+    shards: Any,
     run: Any,
     metrics: Any,
     config: PretrainConfig,
@@ -168,7 +188,7 @@ def pretrain(
 ) -> None:
     where = launch.step_setup(mlflow_tracking_uri, mlflow_experiment)
     model_dir = launch.subdir(base_model.path, base_model_subdir)
-    tokenizer, train = Path(launch.subdir(vocab.path, vocab_subdir)), Path(data.path) / CORPUS_TRAIN
+    tokenizer, shard_dirs = Path(launch.subdir(vocab.path, vocab_subdir)), [s.path for s in shards]
     if nproc_per_node * nnodes > 1:
         launch.torchrun(
             "zhllama.cli",
@@ -179,8 +199,8 @@ def pretrain(
                 model_dir,
                 "--tokenizer",
                 str(tokenizer),
-                "--train",
-                str(train),
+                "--shards",
+                *shard_dirs,
                 "--out",
                 run.path,
                 "--stage_name",
@@ -192,7 +212,9 @@ def pretrain(
         )
         result = read_json(Path(run.path) / "metrics.json")
     else:
-        result = runs.pretrain(model_dir, tokenizer, [train], run.path, config, name=stage_name, where=where)
+        result = runs.pretrain(
+            model_dir, tokenizer, [], run.path, config, name=stage_name, where=where, shard_dirs=shard_dirs
+        )
     launch.log_kfp_metrics(metrics, result)
 
 

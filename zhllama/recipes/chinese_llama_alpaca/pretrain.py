@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from zhllama.core.io import InputError, atomic_dir, sha256_file, write_json
-from zhllama.core.token_shards import TokenBlocks, check_shards, shard_corpus
+from zhllama.core.token_shards import TokenBlocks, check_shards, read_shard_dirs, shard_corpus
 from zhllama.core.training.loop import Dist, init_distributed, train
 from zhllama.recipes.chinese_llama_alpaca import modeling
 from zhllama.recipes.chinese_llama_alpaca.configs import PretrainConfig, TrainArgs
@@ -200,14 +200,26 @@ def run_pretrain(
     stop_after_steps: int | None = None,
     world: Dist | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
+    shard_dirs: Sequence[str | os.PathLike[str]] = (),
 ) -> dict[str, Any]:
-    """Pretrain; writes ``adapter/`` (stage 2) or ``model/`` (stage 1), ``tokenizer/``,
+    """Pretrain on ``train_files``, or on the token shards in ``shard_dirs`` (the pipeline's
+    tokenize fan-out; then ``train_files`` is not read); writes ``adapter/`` (stage 2) or ``model/`` (stage 1), ``tokenizer/``,
     ``train_log.json`` and ``metrics.json`` (last, so its presence means the run finished)."""
     world = world or init_distributed()
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
     model, tokenizer, resize_info = prepare_model(base_model_dir, tokenizer_dir, cfg)
-    blocks, cache_info = load_blocks(train_files, tokenizer, tokenizer_dir, cfg.block_size, cache_dir)
+    if shard_dirs:
+        shards = read_shard_dirs(shard_dirs, len(tokenizer))
+        blocks = TokenBlocks(shards, cfg.block_size)
+        cache_info = {
+            "cache": "shards",
+            "shards": len(shards),
+            "tokens": int(blocks.starts[-1]),
+            "dtype": shards[0].dtype,
+        }
+    else:
+        blocks, cache_info = load_blocks(train_files, tokenizer, tokenizer_dir, cfg.block_size, cache_dir)
     train_blocks, eval_blocks = split_blocks(blocks, cfg.validation_split_percentage, cfg.seed, cfg.max_eval_blocks)
     log.info(
         "pretraining stage %d: %d train blocks, %d eval blocks of %d tokens",

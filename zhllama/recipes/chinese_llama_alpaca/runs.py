@@ -27,15 +27,19 @@ from zhllama.recipes.chinese_llama_alpaca.configs import (
 PathLike = str | os.PathLike[str]
 
 
-def _log_data_input(run: tracking.StageRun, train_file: PathLike) -> None:
+def _log_data_input(run: tracking.StageRun, train_file: PathLike, manifest: PathLike | None = None) -> None:
     """The data the stage trains on, as the run's MLflow dataset input: the md5 the data step
-    recorded beside it (a pipeline's Dataset artifact), else what data.dvc pins."""
+    recorded beside it (a pipeline's Dataset artifact; a token shard folder carries a copy),
+    else what data.dvc pins."""
     from zhllama.core.dvc_data import remote_url
     from zhllama.core.io import read_json
 
-    manifest = Path(train_file).resolve().parent.parent / "zhllama_data.json"
+    manifest = Path(manifest) if manifest else Path(train_file).resolve().parent.parent / DATA_MANIFEST
     md5 = read_json(manifest).get("md5", "") if manifest.is_file() else ""
     run.log_data_input(md5 or tracking.data_dvc_md5(), remote_url() or "data/")
+
+
+DATA_MANIFEST = "zhllama_data.json"
 
 
 def _log_outputs(run: tracking.StageRun, metrics: dict[str, Any], out: PathLike, files: Sequence[str]) -> None:
@@ -71,6 +75,23 @@ def fetch_base(uri: str, out: PathLike, where: RunTarget | None = None) -> dict[
     return info
 
 
+def tokenize(
+    corpus_file: PathLike, name: str, tokenizer_dir: PathLike, out: PathLike, manifest: PathLike | None = None
+) -> dict[str, Any]:
+    """One corpus file into a token shard folder (the pipeline's fan-out task); the data step's
+    manifest is copied beside it, so PT can name the data it trained on."""
+    import shutil
+
+    from zhllama.core.token_shards import write_shard_dir
+    from zhllama.recipes.chinese_llama_alpaca.modeling import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    shard = write_shard_dir(corpus_file, name, tokenizer_dir, len(tok), tok.bos_token_id, tok.eos_token_id, out)
+    if manifest and Path(manifest).is_file():
+        shutil.copyfile(manifest, Path(out) / DATA_MANIFEST)
+    return {"tokens": shard.tokens, "documents": shard.documents, "dtype": shard.dtype, "sha256": shard.sha256}
+
+
 def vocab(
     train: Sequence[PathLike],
     valid: Sequence[PathLike],
@@ -98,12 +119,19 @@ def pretrain(
     resume: bool = False,
     name: str = "",
     where: RunTarget | None = None,
+    shard_dirs: Sequence[PathLike] = (),
 ) -> dict[str, Any]:
+    """PT on the corpus files ``train``, or on the token shard folders ``shard_dirs``."""
     from zhllama.recipes.chinese_llama_alpaca.pretrain import run_pretrain
 
     with stage_run(where, name or f"pretrain_stage{cfg.stage}", cfg, base_model=base_model, tokenizer=tokenizer) as run:
-        _log_data_input(run, train[0])
-        metrics = run_pretrain(base_model, tokenizer, train, out, cfg, resume=resume, on_log=run.log_step)
+        if shard_dirs:
+            _log_data_input(run, "", Path(shard_dirs[0]) / DATA_MANIFEST)
+        else:
+            _log_data_input(run, train[0])
+        metrics = run_pretrain(
+            base_model, tokenizer, train, out, cfg, resume=resume, on_log=run.log_step, shard_dirs=shard_dirs
+        )
         _log_outputs(run, metrics, out, ("metrics.json", "train_log.json"))
     return metrics
 

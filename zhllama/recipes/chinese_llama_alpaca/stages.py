@@ -92,13 +92,24 @@ STAGES = (
         metrics=(Metric("merged_vocab_size", "max"), Metric("pieces_added", "max")),
     ),
     Stage(
+        "tokenize",
+        "One corpus file of the data set into a token shard (ids in the narrowest dtype, a sidecar with counts and "
+        "sha256) with the vocab stage's tokenizer: one task of the fan-out that feeds pretraining.",
+        inputs={"data": "Dataset", "vocab": "Model"},
+        outputs={"shard": "Dataset"},
+        parameters=(
+            ("corpus_file", str, "corpus/train.txt", "the corpus file inside data"),
+            ("vocab_subdir", str, "tokenizer", "folder inside vocab holding the tokenizer; empty: the artifact itself"),
+        ),
+    ),
+    Stage(
         "pretrain",
         "Pretrain on the corpus with the merged tokenizer; the run directory holds adapter/ (stage 2) or model/ "
         "(stage 1).",
         prefix="pt_",
         section="pretrain",
         config=PretrainConfig,
-        inputs={"base_model": "Model", "vocab": "Model", "data": "Dataset"},
+        inputs={"base_model": "Model", "vocab": "Model", "shards": "list[Dataset]"},
         outputs={"run": "Model", "metrics": "Metrics"},
         parameters=(
             *SCALE,
@@ -195,6 +206,13 @@ RUN_PARAMETERS = (
         bool,
         False,
         "run pretraining stage 1 (embeddings only) before stage 2, as the recipe's two-stage PT",
+    ),
+    (
+        "pt_corpus_files",
+        list,
+        ["corpus/train.txt"],
+        "corpus files inside the data set to pretrain on, one tokenize step each (the fan-out), concatenated in "
+        "the order of their names",
     ),
     ("pt_stage1_max_steps", int, 100, "stage 1 optimizer steps (its other settings are the pt_* ones)"),
     (
