@@ -200,3 +200,29 @@ def test_reading_a_large_instruction_file_keeps_memory_flat(tmp_path: Path) -> N
         n, peaks[count] = (int(v) for v in done.stdout.split())
         assert n == count
     assert peaks[200_000] < peaks[2_000] + 16, f"peak RSS grew with the file: {peaks} MB"
+
+
+def test_replay_rows_come_from_an_index_not_the_corpus_in_memory(pt_merged: Path, small_corpus) -> None:
+    """text_rows reads lines by offset in a seeded order: the rows equal shuffling every line in
+    memory (what it did before), across two files and with blank lines skipped."""
+    import random
+
+    from zhllama.recipes.chinese_llama_alpaca.corpus import line_index, read_corpus
+    from zhllama.recipes.chinese_llama_alpaca.sft import text_rows
+
+    tok = load_tokenizer(pt_merged)
+    files = [small_corpus["train"], small_corpus["valid"]]
+    lines = read_corpus(files)
+    paths, which, offsets = line_index(files)
+    assert len(offsets) == len(lines) and which.itemsize == 2 and offsets.itemsize == 8
+    random.Random(7).shuffle(lines)
+    want = []
+    for line in lines:
+        ids = tok(line, add_special_tokens=False)["input_ids"]
+        for k in range(0, len(ids) - 12, 24):
+            row = [tok.bos_token_id, *ids[k : k + 24]]
+            want.append((row, [IGNORE_INDEX, *row[1:]]))
+        if len(want) >= 50:
+            break
+    rows = text_rows(files, tok, 50, 24, 7)
+    assert [rows[i] for i in range(len(rows))] == want[:50]

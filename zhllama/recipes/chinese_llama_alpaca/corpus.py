@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from array import array
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,38 @@ def iter_corpus_lines(path: str | os.PathLike[str]) -> Iterator[str]:
             line = line.rstrip("\r\n")
             if line.strip():
                 yield line
+
+
+def line_index(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], array, array]:
+    """Where every non-blank line of the corpus starts: (files, file number per line, byte
+    offset per line), 10 bytes a line in two compact arrays (never the text: a 20 GB corpus
+    indexes in ~0.1 GB). Checks the files as ``iter_corpus_lines`` does."""
+    files = [Path(p) for p in paths]
+    which, offsets = array("h"), array("q")
+    for number, path in enumerate(files):
+        if not path.is_file():
+            raise InputError(f"{path}: corpus file not found")
+        with open(path, "rb") as handle:
+            offset = 0
+            for lineno, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise InputError(
+                        f"{path}:{lineno}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                        "convert the file to UTF-8"
+                    ) from None
+                if line.strip():
+                    which.append(number)
+                    offsets.append(offset)
+                offset += len(raw)
+    return files, which, offsets
+
+
+def read_line(path: Path, offset: int) -> str:
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return handle.readline().decode("utf-8").rstrip("\r\n")
 
 
 def check_corpus(paths: Sequence[str | os.PathLike[str]]) -> dict[str, int]:

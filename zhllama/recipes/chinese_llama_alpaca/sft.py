@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -215,7 +216,7 @@ class SftSource:
         self.parts: list[Any] = [examples]
         self.pad_id = pad_id
 
-    def add(self, rows: Sequence[tuple[list[int], list[int]]]) -> None:
+    def add(self, rows: Sequence[tuple[list[int], list[int]]] | TokenizedExamples) -> None:
         self.parts.append(rows)
 
     def __len__(self) -> int:
@@ -360,26 +361,35 @@ def _open_examples(ids_path: Path, index_path: Path, meta_path: Path) -> Tokeniz
 
 def text_rows(
     files: Sequence[str | os.PathLike[str]], tokenizer, count: int, tokens: int, seed: int
-) -> list[tuple[list[int], list[int]]]:
+) -> TokenizedExamples:
     """``count`` rows of plain corpus text (bos + ``tokens`` ids, every token a target), from
-    lines in a seeded order: the replay share of SFT batches."""
+    lines in a seeded order: the replay share of SFT batches. The corpus is indexed, not read
+    whole (it is the PT corpus: gigabytes at the recipe's scale); the rows are kept compact."""
     import random
 
-    from zhllama.recipes.chinese_llama_alpaca.corpus import read_corpus
+    from zhllama.recipes.chinese_llama_alpaca.corpus import line_index, read_line
 
-    lines = read_corpus(files)
-    random.Random(seed).shuffle(lines)
-    rows: list[tuple[list[int], list[int]]] = []
-    for line in lines:
-        ids = tokenizer(line, add_special_tokens=False)["input_ids"]
+    paths, which, offsets = line_index(files)
+    order = array("q", range(len(offsets)))
+    random.Random(seed).shuffle(order)  # the permutation depends only on the length: as shuffling the lines
+    dtype = np.int64
+    pieces: list[np.ndarray] = []
+    index: list[tuple[int, int, int]] = []
+    at = 0
+    for i in order:
+        ids = tokenizer(read_line(paths[which[i]], offsets[i]), add_special_tokens=False)["input_ids"]
         for k in range(0, len(ids) - tokens // 2, tokens):  # no short tail rows
-            row = [tokenizer.bos_token_id, *ids[k : k + tokens]]
-            rows.append((row, [IGNORE_INDEX, *row[1:]]))
-            if len(rows) == count:
-                return rows
-    if not rows:
+            row = np.asarray([tokenizer.bos_token_id, *ids[k : k + tokens]], dtype=dtype)
+            pieces.append(row)
+            index.append((at, len(row), 1))  # bos is no target
+            at += len(row)
+            if len(index) == count:
+                break
+        if len(index) == count:
+            break
+    if not index:
         raise InputError(f"{', '.join(map(str, files))}: no text of {tokens // 2}+ tokens to replay")
-    return rows
+    return TokenizedExamples(np.concatenate(pieces), np.asarray(index, dtype=np.int64))
 
 
 def build_source(path, tokenizer, max_seq_length: int, limit: int = 0, cache_dir: Path | None = None) -> SftSource:
