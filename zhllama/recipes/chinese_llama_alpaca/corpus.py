@@ -27,6 +27,17 @@ def count_chinese_chars(text: str) -> int:
     return len(_CJK.findall(text))
 
 
+def decode_line(path: Path, lineno: int, raw: bytes) -> str:
+    """One raw line as text; not UTF-8: the error names the file, line, byte and column."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(
+            f"{path}:{lineno}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+            "convert the file to UTF-8"
+        ) from None
+
+
 def iter_corpus_lines(path: str | os.PathLike[str]) -> Iterator[str]:
     """Yield the non-blank lines of a UTF-8 plain-text corpus (one document per line)."""
     path = Path(path)
@@ -34,13 +45,7 @@ def iter_corpus_lines(path: str | os.PathLike[str]) -> Iterator[str]:
         raise InputError(f"{path}: corpus file not found")
     with open(path, "rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise InputError(
-                    f"{path}:{lineno}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
-                    "convert the file to UTF-8"
-                ) from None
+            line = decode_line(path, lineno, raw)
             line = line.rstrip("\r\n")
             if line.strip():
                 yield line
@@ -58,13 +63,7 @@ def line_index(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], arr
         with open(path, "rb") as handle:
             offset = 0
             for lineno, raw in enumerate(handle, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise InputError(
-                        f"{path}:{lineno}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
-                        "convert the file to UTF-8"
-                    ) from None
+                line = decode_line(path, lineno, raw)
                 if line.strip():
                     which.append(number)
                     offsets.append(offset)
