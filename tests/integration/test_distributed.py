@@ -81,6 +81,7 @@ def test_pipeline_step_launches_torchrun_and_tracks_once(
     from kfp import dsl
 
     from components.pretrain import pretrain_cpu
+    from components.tokenize import tokenize_cpu
     from zhllama.core import tracking
 
     monkeypatch.setenv("ZHLLAMA_CACHE_DIR", str(tmp_path / "cache"))
@@ -102,10 +103,16 @@ def test_pipeline_step_launches_torchrun_and_tracks_once(
         "validation_split_percentage": 0.0,
         "mlflow_experiment": "ddp-experiment",
     }
+    shard = dsl.Dataset(name="shard", uri=str(tmp_path / "shard"))
+    tokenize_cpu.python_func(  # the fan-out's one task: the step trains on its shard, on every rank
+        data=dsl.Dataset(name="data", uri=str(data)),
+        vocab=dsl.Model(name="vocab", uri=str(vocab_run)),
+        shard=shard,
+    )
     pretrain_cpu.python_func(
         base_model=dsl.Model(name="base", uri=str(tiny_base)),
         vocab=dsl.Model(name="vocab", uri=str(vocab_run)),
-        data=dsl.Dataset(name="data", uri=str(data)),
+        shards=[shard],
         run=dsl.Model(name="run", uri=str(tmp_path / "run")),
         metrics=dsl.Metrics(name="metrics", uri=str(tmp_path / "metrics")),
         **params,
