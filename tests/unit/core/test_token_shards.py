@@ -233,3 +233,18 @@ def test_shard_folders_hand_off_in_name_order_and_checked(tmp_path: Path, vocab_
     bad.write_bytes(bytes(raw))
     with pytest.raises(InputError, match="not a whole token shard"):
         read_shard_dirs(list(outs.values()), len(tok))
+
+
+def test_a_bad_line_in_the_hundredth_file_names_that_file(tmp_path: Path, vocab_run, tok, caplog) -> None:
+    files = []
+    for k in range(1, 101):
+        path = tmp_path / f"part-{k:03d}.txt"
+        path.write_text(f"第{k}份：今天天气很好。\n" * 5, encoding="utf-8")
+        files.append(path)
+    files[-1].write_bytes("第一行。\n第二行。\n".encode() + b"\xc3\x28 bad\n")
+    with pytest.raises(InputError, match=r"part-100\.txt:3: not UTF-8 \(byte 0xc3 at column 1\)"):
+        shards_of(files, vocab_run, tok, tmp_path / "cache", workers=1)
+    # the 99 good shards were cached on the way; a fixed file re-tokenizes only itself
+    files[-1].write_text("第一行。\n", encoding="utf-8")
+    shards, info = shards_of(files, vocab_run, tok, tmp_path / "cache", workers=1)
+    assert len(shards) == 100 and (info["shards_cached"], info["shards_built"]) == (99, 1)
