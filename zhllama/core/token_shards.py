@@ -228,6 +228,20 @@ def _fields(shard: Shard) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(shard).items()}
 
 
+def file_is_whole(path: Path, size: int, sha256: str, written_mtime_ns: int | None, verify: bool | str = True) -> bool:
+    """Whether a cached file still is what its sidecar says: the size always; the sha256 when
+    the file changed since it was written (or ``verify='always'``). Warns what is wrong."""
+    stat = path.stat()
+    if stat.st_size != size:
+        log.warning("%s: %d bytes, its sidecar says %d: truncated, rebuilding", path, stat.st_size, size)
+        return False
+    changed = verify == "always" or stat.st_mtime_ns != written_mtime_ns
+    if verify and changed and sha256_file(path) != sha256:
+        log.warning("%s: content hash differs from its sidecar: corrupt, rebuilding", path)
+        return False
+    return True
+
+
 def open_shard(path: str | os.PathLike[str], verify: bool = True) -> Shard | None:
     """The shard at ``path`` if it is whole: its sidecar is there, its size matches, and (when
     the file changed since it was written, or ``verify='always'``) its sha256 does. None if
@@ -244,21 +258,7 @@ def open_shard(path: str | os.PathLike[str], verify: bool = True) -> Shard | Non
         return None
     if meta.get("version") != SHARD_VERSION:
         return None
-    stat = path.stat()
-    if stat.st_size != shard.tokens * shard.itemsize:
-        log.warning(
-            "%s: %d bytes, its sidecar says %d: truncated, rebuilding",
-            path,
-            stat.st_size,
-            shard.tokens * shard.itemsize,
-        )
-        return None
-    if (
-        verify
-        and (verify == "always" or stat.st_mtime_ns != meta.get("mtime_ns"))
-        and sha256_file(path) != shard.sha256
-    ):
-        log.warning("%s: content hash differs from its sidecar: corrupt, rebuilding", path)
+    if not file_is_whole(path, shard.tokens * shard.itemsize, shard.sha256, meta.get("mtime_ns"), verify):
         return None
     return shard
 

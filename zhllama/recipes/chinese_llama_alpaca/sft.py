@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from zhllama.core.io import InputError, atomic_dir, atomic_file, read_json, sha256_file, write_json
+from zhllama.core.io import InputError, atomic_dir, atomic_file, read_json, write_json
 from zhllama.core.training.loop import Dist, init_distributed, train
 from zhllama.core.training.loss import IGNORE_INDEX, pad_rows
 from zhllama.recipes.chinese_llama_alpaca import modeling
@@ -328,11 +328,8 @@ def tokenized_examples(
         },
     )
     log.info("%s: %d examples tokenized (%d tokens, %s)", path, len(index), offset, dtype.name)
-    return _open_examples(ids_path, index_path, meta_path) or _broken(ids_path), {"cache": "miss", "cache_key": key}
-
-
-def _broken(path: Path) -> TokenizedExamples:
-    raise InputError(f"{path}: the tokenized examples just written do not read back")
+    ids = np.memmap(ids_path, dtype=dtype, mode="r", shape=(offset,))
+    return TokenizedExamples(ids, np.load(index_path, mmap_mode="r")), {"cache": "miss", "cache_key": key}
 
 
 def _open_examples(ids_path: Path, index_path: Path, meta_path: Path) -> TokenizedExamples | None:
@@ -345,15 +342,12 @@ def _open_examples(ids_path: Path, index_path: Path, meta_path: Path) -> Tokeniz
     except (InputError, ValueError, OSError) as err:
         log.warning("%s: unreadable cache (%s): re-tokenizing", index_path, err)
         return None
-    stat = ids_path.stat()
-    itemsize = np.dtype(meta["dtype"]).itemsize
+    from zhllama.core.token_shards import file_is_whole
+
     if meta.get("version") != SFT_CACHE_VERSION or index.shape != (meta["examples"], 3):
         return None
-    if stat.st_size != meta["tokens"] * itemsize:
-        log.warning("%s: truncated (%d of %d bytes): re-tokenizing", ids_path, stat.st_size, meta["tokens"] * itemsize)
-        return None
-    if stat.st_mtime_ns != meta["ids_mtime_ns"] and sha256_file(ids_path) != meta["ids_sha256"]:
-        log.warning("%s: content hash differs from its sidecar: re-tokenizing", ids_path)
+    size = meta["tokens"] * np.dtype(meta["dtype"]).itemsize
+    if not file_is_whole(ids_path, size, meta["ids_sha256"], meta["ids_mtime_ns"]):
         return None
     ids = np.memmap(ids_path, dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))
     return TokenizedExamples(ids, index)
