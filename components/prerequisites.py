@@ -127,6 +127,11 @@ def prerequisites(
     register_floor_thresholds: list = ["task_accuracy_loglik>=0.6"],
     register_floor_margin_over_majority: float = 0.1,
     register_lock_timeout: float = 120.0,
+    register_smoke_test: bool = True,
+    smoke_task_items: int = 3,
+    smoke_max_new_tokens: int = 16,
+    smoke_answer_timeout: float = 60.0,
+    smoke_start_timeout: float = 600.0,
 ) -> str:
     """Fails in seconds naming the bad parameter (every stage's config builds, MLflow answers, the
     promotion metrics are evaluation's); returns the tracking URI in use."""
@@ -248,6 +253,11 @@ def prerequisites(
         "register_floor_thresholds": register_floor_thresholds,
         "register_floor_margin_over_majority": register_floor_margin_over_majority,
         "register_lock_timeout": register_lock_timeout,
+        "register_smoke_test": register_smoke_test,
+        "smoke_task_items": smoke_task_items,
+        "smoke_max_new_tokens": smoke_max_new_tokens,
+        "smoke_answer_timeout": smoke_answer_timeout,
+        "smoke_start_timeout": smoke_start_timeout,
     })
 
 

@@ -1,4 +1,5 @@
-"""A new registered version with alias challenger; champion moves only when the gate passes.
+"""A new registered version with alias challenger; champion moves only when the gate passes (and, with
+register_smoke_test, after serve_smoke).
 
 Written by `make components` from zhllama/recipes/chinese_llama_alpaca/stages.py (the stage table)
 and the config dataclasses; edit those, not this file. tests/components/test_generated.py
@@ -14,6 +15,7 @@ from components.images import IMAGE_CPU
 def register(
     final: Input[Model],
     evaluation: Input[Artifact],
+    registration: Output[Artifact],
     metrics: Output[Metrics],
     mlflow_tracking_uri: str = "",
     mlflow_experiment: str = "zhllama",
@@ -25,8 +27,10 @@ def register(
     floor_thresholds: list = ["task_accuracy_loglik>=0.6"],
     floor_margin_over_majority: float = 0.1,
     lock_timeout: float = 120.0,
+    smoke_test: bool = True,
 ) -> str:
-    """A new registered version with alias challenger; champion moves only when the gate passes."""
+    """A new registered version with alias challenger; champion moves only when the gate passes (and, with
+    register_smoke_test, after serve_smoke)."""
     from zhllama.core.config import RegisterConfig
     from zhllama.recipes.chinese_llama_alpaca import launchers
 
@@ -39,10 +43,12 @@ def register(
         floor_thresholds=floor_thresholds,
         floor_margin_over_majority=floor_margin_over_majority,
         lock_timeout=lock_timeout,
+        smoke_test=smoke_test,
     )
     return launchers.register(
         final,
         evaluation,
+        registration,
         metrics,
         config,
         mlflow_tracking_uri=mlflow_tracking_uri,

@@ -2,7 +2,7 @@
 
     prerequisites -> data -> base -> vocab -> tokenize (one per corpus file, ParallelFor)
                   -> [pretrain stage 1] -> pretrain stage 2 -> merge_pt
-                  -> sft -> merge_final -> evaluate -> register (gated promotion)
+                  -> sft -> merge_final -> evaluate -> register (gate) -> serve_smoke (promotion)
                   [base -> tokenize -> pretrain with the base vocabulary -> merge -> evaluate: the ablation]
 
 Wiring only: every step is a component over zhllama, every knob a pipeline parameter: the
@@ -29,6 +29,7 @@ from components.merge import merge_cpu as merge
 from components.prerequisites import prerequisites_cpu as prerequisites
 from components.pretrain import pretrain_cpu, pretrain_gpu
 from components.register import register_cpu as register
+from components.serve_smoke import serve_smoke_cpu as serve_smoke
 from components.sft import sft_cpu, sft_gpu
 from components.tokenize import tokenize_cpu as tokenize
 from components.vocab import vocab_cpu as vocab
@@ -180,11 +181,21 @@ def build_pipeline(gpus: int = 0, code_version: str | None = None):
                     ),
                     MERGE_STEP,
                 )
-                _cluster(
+                registered = _cluster(
                     register(
                         final=final.outputs["merged"],
                         evaluation=scored.outputs["evaluation"],
                         **by_stage["register"],
+                        **track,
+                    ),
+                    CPU_STEP,
+                )
+                # Deploy-then-promote: champion moves only once the challenger's own server has answered.
+                _cluster(
+                    serve_smoke(
+                        registration=registered.outputs["registration"],
+                        evaluation=scored.outputs["evaluation"],
+                        **by_stage["serve_smoke"],
                         **track,
                     ),
                     CPU_STEP,

@@ -125,6 +125,11 @@ def parameters(
     register_floor_thresholds: list = ["task_accuracy_loglik>=0.6"],
     register_floor_margin_over_majority: float = 0.1,
     register_lock_timeout: float = 120.0,
+    register_smoke_test: bool = True,
+    smoke_task_items: int = 3,
+    smoke_max_new_tokens: int = 16,
+    smoke_answer_timeout: float = 60.0,
+    smoke_start_timeout: float = 600.0,
 ) -> dict[str, dict[str, Any]]:
     """Every pipeline parameter: ``run`` (run-wide), ``all`` (prefixed, for the prerequisites check),
     and one entry per stage with its config fields unprefixed (what that stage's component takes)."""
@@ -259,6 +264,11 @@ def parameters(
             "register_floor_thresholds": register_floor_thresholds,
             "register_floor_margin_over_majority": register_floor_margin_over_majority,
             "register_lock_timeout": register_lock_timeout,
+            "register_smoke_test": register_smoke_test,
+            "smoke_task_items": smoke_task_items,
+            "smoke_max_new_tokens": smoke_max_new_tokens,
+            "smoke_answer_timeout": smoke_answer_timeout,
+            "smoke_start_timeout": smoke_start_timeout,
         },
         "base": {
             "hidden_size": base_hidden_size,
@@ -376,5 +386,12 @@ def parameters(
             "floor_thresholds": register_floor_thresholds,
             "floor_margin_over_majority": register_floor_margin_over_majority,
             "lock_timeout": register_lock_timeout,
+            "smoke_test": register_smoke_test,
+        },
+        "serve_smoke": {
+            "task_items": smoke_task_items,
+            "max_new_tokens": smoke_max_new_tokens,
+            "answer_timeout": smoke_answer_timeout,
+            "start_timeout": smoke_start_timeout,
         },
     }

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from zhllama.core.config import RegisterConfig, add_config_arguments
+from zhllama.core.deploy import DeployError
 from zhllama.core.io import InputError, OutputError, write_failure
+from zhllama.core.model_server import ServeError
 from zhllama.core.registry import RegistryError
 from zhllama.core.tracking import RunTarget, TrackingError
 from zhllama.recipes.chinese_llama_alpaca import runs
@@ -142,13 +144,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from zhllama.recipes.chinese_llama_alpaca.generation import GenerationSettings, generate
     from zhllama.recipes.chinese_llama_alpaca.modeling import check_vocab, load_model, load_tokenizer
 
+    if not args.interactive and not args.instruction:
+        raise InputError("generate: give --instruction, or --interactive")
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     check_vocab(model, tokenizer, args.model)
-    print(
-        generate(
-            model, tokenizer, args.instruction, args.input or "", GenerationSettings(max_new_tokens=args.max_new_tokens)
-        )
-    )
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    if not args.interactive:
+        print(generate(model, tokenizer, args.instruction, args.input or "", settings))
+        return 0
+    from transformers import TextStreamer
+
+    # The answer streams as it is generated; the prompt is not echoed.
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    print("Chinese-Alpaca: type an instruction (an empty line or Ctrl-D quits).", file=sys.stderr)
+    while True:
+        try:
+            instruction = input("instruction> ").strip()
+        except EOFError:
+            break
+        if not instruction:
+            break
+        print("response> ", end="", flush=True)
+        generate(model, tokenizer, instruction, "", settings, streamer=streamer)
     return 0
 
 
@@ -197,10 +214,84 @@ def cmd_register(args: argparse.Namespace) -> int:
             f"  {name:<28} challenger {figures['challenger']:.4f}  champion "
             f"{figures['champion'] if figures['champion'] is None else format(figures['champion'], '.4f')}"
         )
+    if cfg.smoke_test:
+        smoke_cfg = RECIPE.stage_config("serve_smoke", args.preset, {})
+        _print_smoke(runs.serve_smoke(result, args.eval, smoke_cfg, where=_where(args)))
     print(
         f"load with        mlflow.pyfunc.load_model('models:/{result['model_name']}@champion')   (tracking URI {result['tracking_uri']})"
     )
     print(f"pipeline run     {result['parent_run_url']}")
+    return 0
+
+
+def _print_smoke(result: dict[str, Any]) -> None:
+    figures = result.get("figures") or {}
+    if result["smoke"] == "skipped":
+        print(f"smoke test       skipped ({result['decision']})")
+        return
+    print(
+        f"smoke test       {result['smoke']}: {figures.get('answered', 0)}/{figures.get('prompts', 0)} answered, "
+        f"server up in {figures.get('start_seconds', 0)} s, p50 {figures.get('latency_p50_seconds')} s"
+        + (f"; {figures['failure']}" if figures.get("failure") else "")
+    )
+    print(f"decision         {result['decision']}" + (f": {result['reason']}" if result.get("reason") else ""))
+
+
+def cmd_serve_smoke(args: argparse.Namespace) -> int:
+    """The serve_smoke stage for a version registered earlier (its register_* settings from the preset)."""
+    from zhllama.core import registry, tracking
+
+    cfg = _config(args, "serve_smoke")
+    register_cfg = RECIPE.stage_config(
+        "register", args.preset, {"model_name": args.model_name} if args.model_name else {}
+    )
+    version = tracking.client().get_model_version(register_cfg.model_name, str(args.version))
+    registration = {
+        "model_name": register_cfg.model_name,
+        "version": str(args.version),
+        "decision": version.tags.get(registry.DECISION_TAG, ""),
+        "register_config": dataclasses.asdict(register_cfg),
+    }
+    _print_smoke(runs.serve_smoke(registration, args.eval, cfg, where=_where(args)))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from zhllama.core import model_server
+
+    if args.stop:
+        print("stopped" if model_server.stop() else "no server was running")
+        return 0
+    if args.status:
+        info = model_server.running()
+        print(json.dumps(info, indent=2) if info else "no server is running")
+        return 0 if info else 1
+    alias = "" if args.version else (args.alias or "champion")
+    version = model_server.resolve_version(args.model_name, alias=alias, version=args.version or "")
+    from zhllama.core.settings import get_settings
+
+    served = model_server.start(args.model_name, version, port=args.port or get_settings().serve_port)
+    print(
+        f"serving          {served.model_uri}"
+        + (f" (@{alias})" if alias else "")
+        + f" at {served.url} (pid {served.pid})"
+    )
+    print(f"log              {served.log_path}   stop with: make serve-down (zhllama serve --stop)")
+    print(f"try              {model_server.curl_example(served.url)}")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from zhllama.core import deploy
+
+    manifest = deploy.inference_service(
+        args.model_name, alias=args.alias, namespace=args.namespace, service_account=args.service_account
+    )
+    if args.dry_run:
+        print(deploy.to_yaml(manifest), end="")
+        return 0
+    result = deploy.apply(manifest)
+    print(f"applied          InferenceService {result['namespace']}/{result['name']} ({result['action']})")
     return 0
 
 
@@ -375,6 +466,12 @@ def _register_io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", default="runs/eval", help="the evaluate stage's output (metrics.json)")
 
 
+def _serve_smoke_io(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", required=True, help="the registered version awaiting its smoke test")
+    p.add_argument("--model_name", default=None, help="default: the preset's register.model_name")
+    p.add_argument("--eval", default="runs/eval", help="the evaluate stage's output (its samples are the prompts)")
+
+
 # stage name -> (its file arguments, its command); the stages and their configs come from the table
 STAGE_COMMANDS = {
     "vocab": (_vocab_io, cmd_vocab),
@@ -384,6 +481,7 @@ STAGE_COMMANDS = {
     "sft": (_sft_io, cmd_sft),
     "evaluate": (_evaluate_io, cmd_evaluate),
     "register": (_register_io, cmd_register),
+    "serve_smoke": (_serve_smoke_io, cmd_serve_smoke),
 }
 
 
@@ -441,10 +539,35 @@ def _add_other_commands(sub: Any) -> None:
 
     p = sub.add_parser("generate", help="answer an alpaca prompt with the recipe's generation settings")
     p.add_argument("--model", required=True)
-    p.add_argument("--instruction", required=True)
+    p.add_argument("--instruction", default=None)
     p.add_argument("--input", default="")
     p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument(
+        "--interactive", action="store_true", help="a prompt loop at the terminal, answers streamed token by token"
+    )
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "serve", help="serve a registered version from the registry on 127.0.0.1 (MLflow's scoring server), by PID"
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--alias", default=None, help="champion (default), challenger, or any alias")
+    which.add_argument("--version", default=None, help="a version number instead of an alias")
+    which.add_argument("--stop", action="store_true", help="stop the server started here")
+    which.add_argument("--status", action="store_true", help="what the server started here serves")
+    p.add_argument("--model_name", default=RegisterConfig().model_name)
+    p.add_argument("--port", type=int, default=None, help="default: $ZHLLAMA_SERVE_PORT (15080)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("deploy", help="a KServe InferenceService for the version holding an alias (cluster serving)")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--model_name", default=RegisterConfig().model_name)
+    p.add_argument("--namespace", default="kubeflow-user-example-com")
+    p.add_argument("--service_account", default="zhllama-serving", help="its secret holds the S3 credentials")
+    p.add_argument(
+        "--dry-run", "--dry_run", dest="dry_run", action="store_true", help="print the manifest, apply nothing"
+    )
+    p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("promote", help="move the champion alias to a version by hand")
     p.add_argument("--version", required=True)
@@ -502,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (InputError, ValueError, FileNotFoundError, TrackingError, RegistryError) as err:
+    except (InputError, ValueError, FileNotFoundError, TrackingError, RegistryError, ServeError, DeployError) as err:
         # One clear line for bad input; the traceback helps nobody here.
         print(f"zhllama {args.command}: error: {err}", file=sys.stderr)
         return 2

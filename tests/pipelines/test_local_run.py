@@ -23,7 +23,19 @@ TINY = {
     "sft_max_steps": 2,
     "pt_corpus_files": ["corpus/train.txt", "corpus/valid.txt"],
 }
-STEPS = {"prerequisites", "data", "base", "vocab", "tokenize", "pretrain", "merge", "sft", "evaluate", "register"}
+STEPS = {
+    "prerequisites",
+    "data",
+    "base",
+    "vocab",
+    "tokenize",
+    "pretrain",
+    "merge",
+    "sft",
+    "evaluate",
+    "register",
+    "serve-smoke",
+}
 
 
 def test_first_run_trains_every_step_and_registers_a_champion(local_runs, server_tracking) -> None:

@@ -246,6 +246,11 @@ class RegisterConfig:
         "broken; a registration gives up after twice this.",
         default=120.0,
     )
+    smoke_test: bool = doc(
+        "Champion moves only after the challenger's server, started from the registry, has answered the smoke "
+        "prompts (the serve_smoke step); off: champion moves as soon as the gate passes.",
+        default=True,
+    )
 
     def __post_init__(self) -> None:
         if not self.model_name.strip():
@@ -263,3 +268,19 @@ class RegisterConfig:
                 "RegisterConfig.min_improvement, max_regression and floor_margin_over_majority must be >= 0"
             )
         positive(self, "lock_timeout")
+
+
+@dataclasses.dataclass
+class SmokeConfig:
+    """Deploy-then-promote: a challenger the gate lets win is served from the registry and
+    answers the smoke prompts before ``champion`` moves to it."""
+
+    task_items: int = doc("Task test items sent besides the evaluation's sample prompts.", default=3)
+    max_new_tokens: int = doc("Tokens generated per smoke answer.", default=16)
+    answer_timeout: float = doc("Seconds each answer may take (the request included).", default=60.0)
+    start_timeout: float = doc("Seconds the server may take to download, load and answer /ping.", default=600.0)
+
+    def __post_init__(self) -> None:
+        positive(self, "max_new_tokens", "answer_timeout", "start_timeout")
+        if self.task_items < 0:
+            raise ValueError(f"SmokeConfig.task_items must be >= 0, got {self.task_items}")

@@ -30,6 +30,9 @@ STATE_TAG = "zhllama.state"  # pending while a registration is under way, ready 
 METRIC_TAG = "metric."
 DECISION_TAG = "promotion.decision"
 FLOOR_TAG = "promotion.floor"
+GATE_TAG = "promotion.gate"  # passed: the challenger may win; with a smoke test, champion moves after it
+SMOKE_TAG = "promotion.smoke"  # passed / failed: the challenger's server answered the smoke prompts
+AWAITING_SMOKE = "awaiting smoke test"
 # The floor's margin compares these two summary metrics: the task accuracy, and the accuracy of
 # the majority-class baseline (always the test split's commonest answer).
 ACCURACY_METRIC, MAJORITY_METRIC = "task_accuracy_loglik", "task_majority_share"
@@ -183,10 +186,13 @@ def register(
     cfg: RegisterConfig,
     log_model: Callable[[Path, str, str], Any],
     tracker: tracking.PipelineRun | None = None,
+    await_smoke: bool = False,
 ) -> dict[str, Any]:
     """Log, register, tag and (if the gate passes) promote the final model. On failure no
     version is left behind: a version created before the error is deleted again. ``log_model``
-    (the recipe's) logs ``model_dir`` into the given run and returns MLflow's ModelInfo."""
+    (the recipe's) logs ``model_dir`` into the given run and returns MLflow's ModelInfo. With
+    ``await_smoke`` a version the gate lets win stays challenger (decision "awaiting smoke
+    test"); ``promote_after_smoke`` moves champion once its server has answered."""
     model_dir = Path(model_dir)
     summary = read_json(Path(eval_dir) / "metrics.json").get("summary", {})
     needed = [parse_promotion_metric(spec)[0] for spec in cfg.promotion_metrics]
@@ -198,7 +204,7 @@ def register(
             )
     tracker = tracker or tracking.PipelineRun()  # fails fast, with one message, when the server is down
     try:
-        return _register(model_dir, summary, cfg, tracker, log_model)
+        return _register(model_dir, summary, cfg, tracker, log_model, await_smoke)
     except Exception as err:
         if tracking.server_up(tracker.uri):
             raise
@@ -215,6 +221,7 @@ def _register(
     cfg: RegisterConfig,
     tracker: tracking.PipelineRun,
     log_model: Callable[[Path, str, str], Any],
+    await_smoke: bool,
 ) -> dict[str, Any]:
     client = tracker.client
     _remove_abandoned(client, cfg.model_name, tracker.pipeline_run_id)
@@ -230,7 +237,7 @@ def _register(
             tags.update({"zhllama.run_id": run.run_id, "zhllama.model_dir": str(model_dir)})
             for key, value in tags.items():
                 client.set_model_version_tag(cfg.model_name, version.version, key, value)
-            decision = _promote_by_gate(client, cfg, version.version, summary)
+            decision = _promote_by_gate(client, cfg, version.version, summary, move_champion=not await_smoke)
             client.set_model_version_tag(cfg.model_name, version.version, STATE_TAG, "ready")
         except BaseException:
             if version is not None and tracking.server_up(tracker.uri):
@@ -295,16 +302,21 @@ def _remove_abandoned(client, name: str, pipeline_run_id: str) -> list[str]:
     return removed
 
 
-def _promote_by_gate(client, cfg: RegisterConfig, version: str, summary: dict[str, float]) -> dict[str, Any]:
+def _promote_by_gate(
+    client, cfg: RegisterConfig, version: str, summary: dict[str, float], move_champion: bool = True
+) -> dict[str, Any]:
     name = cfg.model_name
     with promotion_lock(client, name, cfg.lock_timeout):
         current = champion_version(client, name)
         champion_metrics = version_metrics(current) if current is not None else None
-        promote, reason, compared = gate(summary, champion_metrics, cfg)
+        gate_passed, reason, compared = gate(summary, champion_metrics, cfg)
+        promote = gate_passed and move_champion
         previous = current.version if current is not None else ""
         below_floor = reason.startswith("below the floor")
         if promote:
             decision = "promoted"
+        elif gate_passed:
+            decision = AWAITING_SMOKE
         elif below_floor:
             decision = "challenger only: below the floor" + ("" if previous else " (no champion)")
         else:
@@ -317,6 +329,7 @@ def _promote_by_gate(client, cfg: RegisterConfig, version: str, summary: dict[st
             "promotion.compared": json.dumps(compared),
             "promotion.champion_before": previous,
             FLOOR_TAG: "failed" if below_floor else "passed",
+            GATE_TAG: "passed" if gate_passed else "failed",
         }.items():
             client.set_model_version_tag(name, version, key, value)
         client.set_registered_model_alias(name, CHALLENGER, version)
@@ -325,11 +338,61 @@ def _promote_by_gate(client, cfg: RegisterConfig, version: str, summary: dict[st
     return {
         "decision": decision,
         "promoted": promote,
+        "gate_passed": gate_passed,
         "below_floor": below_floor,
         "reason": reason,
         "compared": compared,
         "champion_before": previous,
     }
+
+
+def promote_after_smoke(
+    version: str, smoke: dict[str, Any], cfg: RegisterConfig, uri: str | None = None
+) -> dict[str, Any]:
+    """Champion moves to ``version`` only if its server passed the smoke test (``smoke["passed"]``)
+    and the gate still lets it win against the champion of now (another run may have promoted
+    one since this version was registered). The smoke figures and the decision become version
+    tags either way; a failed smoke test leaves champion where it was."""
+    name, version = cfg.model_name, str(version)
+    client = tracking.client(uri)
+    target = client.get_model_version(name, version)
+    if target.tags.get(STATE_TAG) != "ready":
+        raise RegistryError(
+            f"{name} version {version} is not a complete registration ({STATE_TAG}={target.tags.get(STATE_TAG)!r})"
+        )
+    with promotion_lock(client, name, cfg.lock_timeout):
+        current = champion_version(client, name)
+        previous = current.version if current is not None else ""
+        if previous == version:
+            return {"decision": "already champion", "promoted": False, "reason": "", "champion_before": previous}
+        champion_metrics = version_metrics(current) if current is not None else None
+        gate_passed, reason, compared = gate(version_metrics(target), champion_metrics, cfg)
+        if not smoke.get("passed"):
+            promote, decision = (
+                False,
+                "kept champion: smoke test failed" if previous else "challenger only: smoke test failed (no champion)",
+            )
+            reason = smoke.get("failure", "the smoke test failed")
+        elif not gate_passed:
+            promote, decision = False, "kept champion"
+        else:
+            promote, decision = True, "promoted"
+        tags = {f"smoke.{k}": str(v) for k, v in smoke.items() if k != "answers"}
+        tags.update(
+            {
+                SMOKE_TAG: "passed" if smoke.get("passed") else "failed",
+                DECISION_TAG: decision,
+                "promotion.reason": reason,
+                "promotion.compared": json.dumps(compared),
+                "promotion.champion_before": previous,
+            }
+        )
+        for key, value in tags.items():  # the record first, the alias last
+            client.set_model_version_tag(name, version, key, value[:5000])
+        if promote:
+            client.set_registered_model_alias(name, CHAMPION, version)
+    log.info("%s version %s after the smoke test: %s (%s)", name, version, decision, reason)
+    return {"decision": decision, "promoted": promote, "reason": reason, "champion_before": previous}
 
 
 def promote(

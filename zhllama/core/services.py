@@ -68,7 +68,7 @@ def mlflow_is_up(settings: Settings) -> bool:
     return server_up(settings.mlflow_uri, timeout=2.0)
 
 
-def _wait(check, what: str, timeout: float, log_path: Path, pid: int) -> None:
+def wait_for(check, what: str, timeout: float, log_path: Path, pid: int) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -95,7 +95,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _spawn(settings: Settings, name: str, cmd: list[str], env: dict[str, str]) -> int:
+def spawn(settings: Settings, name: str, cmd: list[str], env: dict[str, str]) -> int:
     log_path = settings.state_dir / f"{name}.log"
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
@@ -183,9 +183,9 @@ def start_seaweedfs(settings: Settings, timeout: float = 60) -> None:
         "-s3.port.lance=0",
         "-master.telemetry=false",
     ]
-    pid = _spawn(settings, "seaweedfs", cmd, dict(os.environ))
+    pid = spawn(settings, "seaweedfs", cmd, dict(os.environ))
     log.info("started SeaweedFS (pid %d), waiting for %s", pid, settings.s3_endpoint)
-    _wait(lambda: s3_is_up(settings), "SeaweedFS S3 gateway", timeout, settings.state_dir / "seaweedfs.log", pid)
+    wait_for(lambda: s3_is_up(settings), "SeaweedFS S3 gateway", timeout, settings.state_dir / "seaweedfs.log", pid)
     # The gateway answers before the filer can take writes; retry bucket creation briefly.
     deadline = time.monotonic() + timeout
     while True:
@@ -213,9 +213,9 @@ def start_mlflow(settings: Settings, timeout: float = 180) -> None:
             "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
         }
     )
-    pid = _spawn(settings, "mlflow", ["bash", str(settings.mlflow_server_script)], env)
+    pid = spawn(settings, "mlflow", ["bash", str(settings.mlflow_server_script)], env)
     log.info("started MLflow (pid %d), waiting for %s (this takes ~30-40 s)", pid, settings.mlflow_uri)
-    _wait(lambda: mlflow_is_up(settings), "MLflow tracking server", timeout, settings.state_dir / "mlflow.log", pid)
+    wait_for(lambda: mlflow_is_up(settings), "MLflow tracking server", timeout, settings.state_dir / "mlflow.log", pid)
 
 
 def up(settings: Settings | None = None) -> Settings:
@@ -239,6 +239,7 @@ def stop(name: str, settings: Settings | None = None, timeout: float = 8) -> boo
         pass
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        _alive(pid)  # reaps it when it is this process's exited child (a zombie still counts in its group)
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:

@@ -40,6 +40,8 @@ class Settings:
     weed_volume_port: int = field(default_factory=lambda: int(_env("ZHLLAMA_WEED_VOLUME_PORT", "18080")))
     weed_filer_port: int = field(default_factory=lambda: int(_env("ZHLLAMA_WEED_FILER_PORT", "18888")))
     mlflow_port: int = field(default_factory=lambda: int(_env("ZHLLAMA_MLFLOW_PORT", "15000")))
+    # `zhllama serve`: the registered model's scoring server.
+    serve_port: int = field(default_factory=lambda: int(_env("ZHLLAMA_SERVE_PORT", "15080")))
     # Local-only credentials for the embedded object store; a cluster sets real ones from a secret.
     s3_access_key: str = field(default_factory=lambda: _env("ZHLLAMA_S3_ACCESS_KEY", "zhllama"))
     s3_secret_key: str = field(default_factory=lambda: _env("ZHLLAMA_S3_SECRET_KEY", "zhllama-local-only"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from zhllama.core.config import RegisterConfig, TrainArgs, doc, positive
+from zhllama.core.config import RegisterConfig, SmokeConfig, TrainArgs, doc, positive
 from zhllama.recipes.chinese_llama_alpaca.prompts import SENTIMENT_INSTRUCTION
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "MergeConfig",
     "PretrainConfig",
     "RegisterConfig",
+    "SmokeConfig",
     "SftConfig",
     "VocabConfig",
 ]

@@ -138,7 +138,7 @@ def task_metrics(
         "gold_share": gold_share,
         "majority_share": max(gold_share.values()),  # what always answering the commonest option scores
         "greedy_examples": [
-            {"input": r["input"][:80], "gold": r["output"], "greedy": a}
+            {"instruction": r["instruction"], "input": r["input"][:80], "gold": r["output"], "greedy": a}
             for r, a in list(zip(records, answers, strict=False))[:8]
         ],
     }

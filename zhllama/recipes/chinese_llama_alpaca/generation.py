@@ -21,10 +21,28 @@ class GenerationSettings:
     do_sample: bool = True
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0 or self.repetition_penalty <= 0:
+            raise ValueError(
+                f"temperature and repetition_penalty must be > 0, got {self.temperature} and {self.repetition_penalty}"
+            )
+        if not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"top_p must be in (0, 1] and top_k >= 0, got {self.top_p} and {self.top_k}")
+
 
 def generate(
-    model, tokenizer, instruction: str, input_text: str = "", settings: GenerationSettings | None = None
+    model,
+    tokenizer,
+    instruction: str,
+    input_text: str = "",
+    settings: GenerationSettings | None = None,
+    streamer=None,
 ) -> str:
+    """The answer after the response marker. ``model.generate`` keeps a KV cache, so each new
+    token costs one position's forward pass; ``streamer`` (a transformers TextStreamer) gets the
+    tokens as they come."""
     settings = settings or GenerationSettings()
     torch.manual_seed(settings.seed)
     prompt = build_prompt(instruction, input_text)
@@ -41,6 +59,7 @@ def generate(
             repetition_penalty=settings.repetition_penalty,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            streamer=streamer,
         )
     text = tokenizer.decode(output[0], skip_special_tokens=True)
     return extract_response(text)

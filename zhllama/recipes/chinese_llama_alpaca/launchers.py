@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from zhllama.core import launch
-from zhllama.core.io import InputError, read_json
+from zhllama.core.io import InputError, read_json, write_json
 from zhllama.recipes.chinese_llama_alpaca import runs
 from zhllama.recipes.chinese_llama_alpaca.configs import (
     BaseModelConfig,
@@ -24,6 +24,7 @@ from zhllama.recipes.chinese_llama_alpaca.configs import (
     PretrainConfig,
     RegisterConfig,
     SftConfig,
+    SmokeConfig,
     VocabConfig,
 )
 from zhllama.recipes.chinese_llama_alpaca.corpus import CORPUS_FILES, SFT_FILES
@@ -323,6 +324,7 @@ def evaluate(
 def register(
     final: Any,
     evaluation: Any,
+    registration: Any,
     metrics: Any,
     config: RegisterConfig,
     mlflow_tracking_uri: str = "",
@@ -330,5 +332,37 @@ def register(
 ) -> str:
     where = launch.step_setup(mlflow_tracking_uri, mlflow_experiment)
     result = runs.register(final.path, evaluation.path, config, where=where)
-    launch.log_kfp_metrics(metrics, {"version": int(result["version"]), "promoted": int(result["promoted"])})
+    write_json(Path(registration.path), result)
+    launch.log_kfp_metrics(
+        metrics,
+        {
+            "version": int(result["version"]),
+            "gate_passed": int(result["gate_passed"]),
+            "promoted": int(result["promoted"]),
+        },
+    )
     return f"{result['model_name']} version {result['version']}: {result['decision']} ({result['reason']})"
+
+
+def serve_smoke(
+    registration: Any,
+    evaluation: Any,
+    smoke: Any,
+    metrics: Any,
+    config: SmokeConfig,
+    mlflow_tracking_uri: str = "",
+    mlflow_experiment: str = "",
+) -> str:
+    where = launch.step_setup(mlflow_tracking_uri, mlflow_experiment)
+    result = runs.serve_smoke(read_json(Path(registration.path)), evaluation.path, config, where=where)
+    write_json(Path(smoke.path), result)
+    figures = result.get("figures", {})
+    launch.log_kfp_metrics(
+        metrics,
+        {
+            "smoke_passed": int(result["smoke"] == "passed"),
+            "promoted": int(bool(result.get("promoted"))),
+            "smoke_start_seconds": figures.get("start_seconds", 0.0),
+        },
+    )
+    return f"{result['model_name']} version {result['version']}: smoke {result['smoke']}; {result['decision']}"

@@ -7,6 +7,8 @@ so a stage is tracked the same way from a shell, from ``make chain`` and from a 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,9 +23,11 @@ from zhllama.recipes.chinese_llama_alpaca.configs import (
     PretrainConfig,
     RegisterConfig,
     SftConfig,
+    SmokeConfig,
     VocabConfig,
 )
 
+log = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
 
 
@@ -209,8 +213,54 @@ def register(
     from zhllama.recipes.chinese_llama_alpaca.modeling import check_model_dir
     from zhllama.recipes.chinese_llama_alpaca.serving import log_pyfunc_model
 
-    result = registry.register(check_model_dir(model), eval_dir, cfg, log_pyfunc_model, tracker)
-    tracker.finish()
+    result = registry.register(
+        check_model_dir(model), eval_dir, cfg, log_pyfunc_model, tracker, await_smoke=cfg.smoke_test
+    )
+    result["register_config"] = dataclasses.asdict(cfg)
+    if not cfg.smoke_test:  # else serve_smoke completes the pipeline run
+        tracker.finish()
     result["tracking_uri"] = tracker.uri
     result["parent_run_url"] = tracker.run_url(tracker.parent_run_id())
+    return result
+
+
+def serve_smoke(
+    registration: dict[str, Any], eval_dir: PathLike, cfg: SmokeConfig, where: RunTarget | None = None
+) -> dict[str, Any]:
+    """Deploy-then-promote: when the gate let the registered challenger win, serve it from the
+    registry and smoke-test it; champion moves only when every answer passed. Then the pipeline
+    run is complete."""
+    from zhllama.core import registry
+    from zhllama.recipes.chinese_llama_alpaca.smoke import smoke_test
+
+    where = where or RunTarget()
+    register_cfg = RegisterConfig(**registration["register_config"])
+    name, version = registration["model_name"], str(registration["version"])
+    tracker = tracking.PipelineRun(run_id=where.pipeline_run_id, experiment=where.experiment)
+    result: dict[str, Any] = {"model_name": name, "version": version}
+    with stage_run(where, "serve_smoke", cfg) as run:
+        champion = registry.champion_version(tracker.client, name)
+        if champion is not None and champion.version == version:  # a retried step: done already
+            result.update({"smoke": "skipped", "decision": "already champion", "promoted": False})
+        elif registration.get("decision") != registry.AWAITING_SMOKE:
+            log.info("%s version %s: no smoke test (%s)", name, version, registration.get("decision"))
+            result.update({"smoke": "skipped", "decision": registration.get("decision"), "promoted": False})
+        else:
+            smoke = smoke_test(name, version, eval_dir, cfg)
+            decision = registry.promote_after_smoke(version, smoke, register_cfg, tracker.uri)
+            result.update({"smoke": "passed" if smoke["passed"] else "failed", **decision, "figures": smoke})
+            run.log_metrics(
+                {
+                    "smoke_passed": int(smoke["passed"]),
+                    "smoke_start_seconds": smoke["start_seconds"],
+                    "promoted": int(decision["promoted"]),
+                    **(
+                        {"smoke_latency_p50_seconds": smoke["latency_p50_seconds"]}
+                        if smoke.get("latency_p50_seconds")
+                        else {}
+                    ),
+                }
+            )
+        run.set_tags({"zhllama.smoke": result["smoke"], registry.DECISION_TAG: str(result["decision"])})
+    tracker.finish()
     return result

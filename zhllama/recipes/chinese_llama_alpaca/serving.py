@@ -49,20 +49,55 @@ class ChineseAlpacaModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
         from zhllama.recipes.chinese_llama_alpaca.generation import generate
 
-        settings = dataclasses.replace(
-            self.settings, **{k: v for k, v in (params or {}).items() if k in self._fields()}
-        )
+        settings = self._settings(params)
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
-        answers = []
-        for row in rows:
-            if not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
-                raise ValueError(f"each row needs a non-empty 'instruction' string, got {row!r}")
-            answers.append(generate(self.model, self.tokenizer, row["instruction"], row.get("input") or "", settings))
-        return answers
+        checked = [self._check_row(i, row, settings) for i, row in enumerate(rows)]
+        return [generate(self.model, self.tokenizer, instruction, text, settings) for instruction, text in checked]
+
+    def _settings(self, params: dict[str, Any] | None) -> GenerationSettings:
+        """The defaults with the request's params; a bad value is the client's error (400)."""
+        given = {k: v for k, v in (params or {}).items() if k in self._fields()}
+        try:
+            settings = dataclasses.replace(self.settings, **given)
+        except (TypeError, ValueError) as err:
+            raise _bad_request(f"params: {err}") from None
+        limit = self._context_length()
+        if not 1 <= settings.max_new_tokens <= limit:
+            raise _bad_request(f"params.max_new_tokens must be between 1 and {limit}, got {settings.max_new_tokens}")
+        return settings
+
+    def _check_row(self, index: int, row: dict[str, Any], settings: GenerationSettings) -> tuple[str, str]:
+        from zhllama.recipes.chinese_llama_alpaca.prompts import build_prompt
+
+        instruction, text = row.get("instruction"), row.get("input")
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise _bad_request(f"row {index}: 'instruction' must be a non-empty string, got {instruction!r}")
+        if text is None or (isinstance(text, float) and text != text):  # absent, or NaN where another row has it
+            text = ""
+        if not isinstance(text, str):
+            raise _bad_request(f"row {index}: 'input' must be a string, got {text!r}")
+        prompt_tokens = len(self.tokenizer(build_prompt(instruction, text))["input_ids"])
+        limit = self._context_length()
+        if prompt_tokens + settings.max_new_tokens > limit:
+            raise _bad_request(
+                f"row {index}: the prompt is {prompt_tokens} tokens; with max_new_tokens {settings.max_new_tokens} "
+                f"that exceeds the model's context of {limit} tokens: shorten the input or lower max_new_tokens"
+            )
+        return instruction, text
+
+    def _context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
     @staticmethod
     def _fields() -> set[str]:
         return {f.name for f in dataclasses.fields(GenerationSettings)}
+
+
+def _bad_request(message: str):
+    """An error the scoring server answers with 400 and this message."""
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException.invalid_parameter_value(message)
 
 
 MODEL_FILES = (
@@ -103,12 +138,17 @@ def log_pyfunc_model(model_dir: Path, run_id: str, uri: str):
     settings, signature and input example) in ``run_id``; returns its ModelInfo."""
     import pandas as pd
     from mlflow.models import infer_signature
+    from mlflow.types import ColSpec, DataType, Schema
 
     import mlflow
 
     example = pd.DataFrame(EXAMPLE)
-    defaults = {k: v for k, v in GenerationSettings().__dict__.items()}
+    defaults = dataclasses.asdict(GenerationSettings())
     signature = infer_signature(example, ["正面"], params=defaults)
+    # 'input' may be left out of a request (the recipe's prompt then has the instruction only)
+    signature.inputs = Schema(
+        [ColSpec(DataType.string, "instruction"), ColSpec(DataType.string, "input", required=False)]
+    )
     mlflow.set_tracking_uri(uri)
     with tempfile.TemporaryDirectory(prefix="zhllama-register-") as tmp, mlflow.start_run(run_id=run_id):
         packaged = _package_model(model_dir, Path(tmp))

@@ -17,6 +17,7 @@ from zhllama.recipes.chinese_llama_alpaca.configs import (
     PretrainConfig,
     RegisterConfig,
     SftConfig,
+    SmokeConfig,
     VocabConfig,
 )
 
@@ -171,13 +172,26 @@ STAGES = (
     ),
     Stage(
         "register",
-        "A new registered version with alias challenger; champion moves only when the gate passes.",
+        "A new registered version with alias challenger; champion moves only when the gate passes (and, with "
+        "register_smoke_test, after serve_smoke).",
         prefix="register_",
         section="register",
         config=RegisterConfig,
         inputs={"final": "Model", "evaluation": "Artifact"},
-        outputs={"metrics": "Metrics"},
-        metrics=(Metric("version", "max"), Metric("promoted", "max")),
+        outputs={"registration": "Artifact", "metrics": "Metrics"},
+        metrics=(Metric("version", "max"), Metric("gate_passed", "max"), Metric("promoted", "max")),
+        returns="str",
+    ),
+    Stage(
+        "serve_smoke",
+        "Deploy-then-promote: serves the challenger the gate let win from the registry (MLflow's scoring server), "
+        "sends the sample prompts and task items, and moves champion only when every answer passed.",
+        prefix="smoke_",
+        section="smoke",
+        config=SmokeConfig,
+        inputs={"registration": "Artifact", "evaluation": "Artifact"},
+        outputs={"smoke": "Artifact", "metrics": "Metrics"},
+        metrics=(Metric("smoke_passed", "max"), Metric("promoted", "max"), Metric("smoke_start_seconds", "min")),
         returns="str",
     ),
 )
