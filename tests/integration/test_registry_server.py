@@ -163,7 +163,7 @@ def test_chain_by_cli_leaves_nested_runs_report_and_champion(
         [tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
     by_name = {r.data.tags["mlflow.runName"]: r for r in children}
-    assert set(by_name) == {"pretrain_stage2", "merge_pt", "sft", "merge_final", "evaluate", "register"}
+    assert set(by_name) == {"pretrain_stage2", "merge_pt", "sft", "merge_final", "evaluate", "register", "serve_smoke"}
     for run in [parent, *children]:
         assert run.data.tags["zhllama.pipeline_run_id"] == run_id
         assert run.data.tags["zhllama.base_model_id"] == tracking.model_id(tiny_base)
@@ -178,6 +178,7 @@ def test_chain_by_cli_leaves_nested_runs_report_and_champion(
     assert "sft_test_loss" in parent.data.metrics
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.version == "1" and champion.tags[registry.STATE_TAG] == "ready"
+    assert champion.tags[registry.SMOKE_TAG] == "passed"  # the CLI's register smoke-tests before promoting
     assert champion.tags["zhllama.data_dvc_md5"] == tracking.data_dvc_md5()
 
 
