@@ -46,14 +46,13 @@ PROMPTS = [
 def private_services(root: Path):
     """A SeaweedFS + MLflow pair of the bench's own (free ports, a fresh state folder)."""
     from zhllama.core import services
-    from zhllama.core.model_server import free_port
     from zhllama.core.settings import Settings
 
     state = Path(tempfile.mkdtemp(prefix="serving-services-", dir=root))
     ports = {
         "ZHLLAMA_STATE_DIR": str(state),
         **{
-            name: str(free_port())
+            name: str(services.free_service_port())
             for name in (
                 "ZHLLAMA_S3_PORT",
                 "ZHLLAMA_WEED_MASTER_PORT",

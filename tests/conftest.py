@@ -4,7 +4,6 @@ real local services on test-only ports (started once per session, stopped at the
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -58,25 +57,10 @@ def vocab_run(tmp_path_factory, small_corpus) -> Path:
     return out
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+def _free_port() -> int:
+    from zhllama.core.services import free_service_port
 
-
-def _free_port(_taken: set[int] = set()) -> int:  # the default remembers ports handed out this session
-    """A free port whose +10000 partner (SeaweedFS's gRPC port) is free and valid too."""
-    import random
-
-    rng = random.Random()
-    while True:
-        port = rng.randrange(21000, 45000)
-        if port not in _taken and port + 10000 not in _taken and _port_free(port) and _port_free(port + 10000):
-            _taken.update({port, port + 10000})
-            return port
+    return free_service_port()
 
 
 @pytest.fixture(scope="session")

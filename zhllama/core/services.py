@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -56,6 +57,28 @@ def _http_ok(url: str, timeout: float = 2.0) -> bool:
         return err.code < 500
     except (urllib.error.URLError, OSError):
         return False
+
+
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_service_port(_taken: set[int] = set()) -> int:  # the default remembers ports handed out by this process
+    """A free port whose +10000 partner (SeaweedFS's gRPC port) is free and valid too: for a
+    private set of services (the tests', the benchmarks')."""
+    import random
+
+    rng = random.Random()
+    while True:
+        port = rng.randrange(21000, 45000)
+        if port not in _taken and port + 10000 not in _taken and _port_free(port) and _port_free(port + 10000):
+            _taken.update({port, port + 10000})
+            return port
 
 
 def s3_is_up(settings: Settings) -> bool:
