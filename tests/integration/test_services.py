@@ -48,7 +48,8 @@ def test_services_bind_loopback_only(services) -> None:
     for name, state in svc.status(services).items():
         process = psutil.Process(state["pid"])
         for proc in (process, *process.children(recursive=True)):
-            listening += [(name, c.laddr) for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+            connections = getattr(proc, "net_connections", None) or proc.connections  # psutil < 6 (kserve pins it)
+            listening += [(name, c.laddr) for c in connections(kind="inet") if c.status == psutil.CONN_LISTEN]
     assert listening, "no listening socket found for the services"
     assert all(addr.ip in {"127.0.0.1", "::1"} for _, addr in listening), listening
     others = [

@@ -95,6 +95,16 @@ def test_served_version_answers_in_chinese_through_the_response_marker(services,
     assert isinstance(text, str) and text.strip() and "### Response" not in text
     # fixed seed: the same request gives the same answer
     assert _ask(served.url, **GOOD).body == answer.body
+    import psutil
+
+    server = psutil.Process(served.pid)
+    listening = [
+        c.laddr
+        for proc in (server, *server.children(recursive=True))
+        for c in (getattr(proc, "net_connections", None) or proc.connections)(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    ]
+    assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
     assert model_server.running(services)["version"] == served.version
 
 

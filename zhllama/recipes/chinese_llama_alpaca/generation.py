@@ -32,6 +32,19 @@ class GenerationSettings:
             raise ValueError(f"top_p must be in (0, 1] and top_k >= 0, got {self.top_p} and {self.top_k}")
 
 
+def _generate_kwargs(tokenizer, settings: GenerationSettings) -> dict:
+    return {
+        "max_new_tokens": settings.max_new_tokens,
+        "do_sample": settings.do_sample,
+        "temperature": settings.temperature,
+        "top_k": settings.top_k,
+        "top_p": settings.top_p,
+        "repetition_penalty": settings.repetition_penalty,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
 def generate(
     model,
     tokenizer,
@@ -49,17 +62,26 @@ def generate(
     inputs = tokenizer(prompt, return_tensors="pt")
     model.eval()
     with torch.no_grad():
-        output = model.generate(
-            **inputs,
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=settings.do_sample,
-            temperature=settings.temperature,
-            top_k=settings.top_k,
-            top_p=settings.top_p,
-            repetition_penalty=settings.repetition_penalty,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            streamer=streamer,
-        )
+        output = model.generate(**inputs, **_generate_kwargs(tokenizer, settings), streamer=streamer)
     text = tokenizer.decode(output[0], skip_special_tokens=True)
     return extract_response(text)
+
+
+def generate_batch(model, tokenizer, prompts: list[tuple[str, str]], settings: GenerationSettings) -> list[str]:
+    """Answers to several (instruction, input) prompts in one ``model.generate``, left-padded
+    with the tokenizer's pad token (masked). One prompt takes exactly ``generate``'s path. With
+    sampling, the seed is the batch's: an answer's sample depends on the prompts beside it."""
+    if len(prompts) == 1:
+        return [generate(model, tokenizer, *prompts[0], settings)]
+    torch.manual_seed(settings.seed)
+    texts = [build_prompt(instruction, text) for instruction, text in prompts]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # new tokens follow every prompt directly
+    try:
+        inputs = tokenizer(texts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    model.eval()
+    with torch.no_grad():
+        output = model.generate(**inputs, **_generate_kwargs(tokenizer, settings))
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+    return [extract_response(t) for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
