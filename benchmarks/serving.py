@@ -162,18 +162,16 @@ def bench_model(model_dir: Path, label: str, requests: int) -> dict[str, Any]:
     from zhllama.recipes.chinese_llama_alpaca import modeling
 
     name = f"bench-{label}"
+    result: dict[str, Any] = {"in_process": in_process(model_dir, requests)}  # first: no server on the cores
     version = register_for_bench(model_dir, name)
     served = model_server.start(name, version, service=f"bench-{label}", timeout=900)
     tokenizer = modeling.load_tokenizer(model_dir)
     try:
-        result = {
-            "server_start_seconds": served.seconds_to_ready,
-            "served_1_client": served_load(served.url, tokenizer, 1, requests),
-            "served_4_clients": served_load(served.url, tokenizer, 4, 4 * requests),
-        }
+        result["server_start_seconds"] = served.seconds_to_ready
+        result["served_1_client"] = served_load(served.url, tokenizer, 1, requests)
+        result["served_4_clients"] = served_load(served.url, tokenizer, 4, 4 * requests)
     finally:
         model_server.stop(service=f"bench-{label}")
-    result["in_process"] = in_process(model_dir, requests)
     log.info(
         "serving %s: served %.1f tok/s (1 client), %.1f (4 clients); in process %.1f (KV cache), %.1f (none)",
         label,

@@ -69,19 +69,22 @@ def generate(
 
 def generate_batch(model, tokenizer, prompts: list[tuple[str, str]], settings: GenerationSettings) -> list[str]:
     """Answers to several (instruction, input) prompts in one ``model.generate``, left-padded
-    with the tokenizer's pad token (masked). One prompt takes exactly ``generate``'s path. With
-    sampling, the seed is the batch's: an answer's sample depends on the prompts beside it."""
+    (masked, so the pad id does not matter: the pad token, else eos). One prompt takes exactly
+    ``generate``'s path. With sampling, the seed is the batch's: an answer's sample depends on the
+    prompts beside it."""
     if len(prompts) == 1:
         return [generate(model, tokenizer, *prompts[0], settings)]
     torch.manual_seed(settings.seed)
-    texts = [build_prompt(instruction, text) for instruction, text in prompts]
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # new tokens follow every prompt directly
-    try:
-        inputs = tokenizer(texts, return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = side
+    ids = [tokenizer(build_prompt(instruction, text))["input_ids"] for instruction, text in prompts]
+    width = max(len(row) for row in ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # on the left, so every prompt's new tokens follow it directly
+    input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in ids])
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
     model.eval()
     with torch.no_grad():
-        output = model.generate(**inputs, **_generate_kwargs(tokenizer, settings))
-    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        output = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, **_generate_kwargs(tokenizer, settings)
+        )
+    new_tokens = output[:, width:]
     return [extract_response(t) for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -48,22 +48,41 @@ class Batcher:
     the busy one needs (4 clients ran at 0.6-0.86x one client's tokens/s: make bench, section
     serving). Requests that wait together and ask for the same settings are answered by one
     batched call of up to ``max_batch`` prompts, in arrival order; a request alone takes the
-    single-prompt path, so its answer does not depend on other clients."""
+    single-prompt path, so its answer does not depend on other clients. The thread ends after
+    ``idle_seconds`` without work, and its OpenMP team with it: a process that loaded the model
+    once (MLflow's log_model checks the input example that way) keeps no team that slows its
+    own torch work (measured: 0.6x)."""
 
-    def __init__(self, run: Callable[[list[tuple[str, str]], GenerationSettings], list[str]], max_batch: int) -> None:
-        self.run, self.max_batch = run, max(1, max_batch)
+    def __init__(
+        self,
+        run: Callable[[list[tuple[str, str]], GenerationSettings], list[str]],
+        max_batch: int,
+        idle_seconds: float = 2.0,
+    ) -> None:
+        self.run, self.max_batch, self.idle_seconds = run, max(1, max_batch), idle_seconds
         self.jobs: queue.Queue[Job] = queue.Queue()
-        threading.Thread(target=self._loop, name="zhllama-generate", daemon=True).start()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
 
     def submit(self, prompts: list[tuple[str, str]], settings: GenerationSettings) -> list[str]:
         future: Future = Future()
         self.jobs.put((prompts, settings, future))
+        with self.lock:  # after the put: a thread that saw the queue empty has already said it ends
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="zhllama-generate", daemon=True)
+                self.thread.start()
         return future.result()
 
     def _loop(self) -> None:
         held: list[Job] = []  # taken from the queue while a batch of other settings was built
         while True:
             waiting = held + self._drain(block=not held)
+            if not waiting:
+                with self.lock:
+                    if self.jobs.empty():
+                        self.thread = None
+                        return
+                continue
             first, rest = waiting[0], waiting[1:]
             batch, size, held = [first], len(first[0]), []
             for job in rest:
@@ -75,7 +94,12 @@ class Batcher:
             self._answer(batch)
 
     def _drain(self, block: bool) -> list[Job]:
-        jobs = [self.jobs.get()] if block else []
+        jobs = []
+        if block:
+            try:
+                jobs.append(self.jobs.get(timeout=self.idle_seconds))
+            except queue.Empty:
+                return []
         while True:
             try:
                 jobs.append(self.jobs.get_nowait())
