@@ -164,13 +164,12 @@ def test_a_version_whose_artifact_is_corrupt_never_becomes_champion(
     bucket = services.mlflow_bucket
     s3 = svc.s3_client(services)
     model_id = tracking.client().get_model_version(name, "2").source.removeprefix("models:/")
-    keys = [
-        o["Key"]
-        for o in s3.list_objects_v2(Bucket=bucket, Prefix="").get("Contents", [])
-        if model_id in o["Key"] and o["Key"].endswith("artifacts/model/model.safetensors")
-    ]
-    assert len(keys) == 1, keys
-    s3.put_object(Bucket=bucket, Key=keys[0], Body=b"not a safetensors file")
+    location = (
+        tracking.client().get_logged_model(model_id).artifact_location
+    )  # mlflow-artifacts:/<exp>/models/<id>/artifacts
+    key = location.removeprefix("mlflow-artifacts:/").lstrip("/") + "/artifacts/model/model.safetensors"
+    assert s3.head_object(Bucket=bucket, Key=key)["ContentLength"] > 1000, key
+    s3.put_object(Bucket=bucket, Key=key, Body=b"not a safetensors file")
     result = runs.serve_smoke(registration, better, SMOKE)
     assert result["smoke"] == "failed" and result["promoted"] is False
     assert "did not start" in result["figures"]["failure"]
