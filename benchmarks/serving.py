@@ -44,38 +44,19 @@ PROMPTS = [
 
 @contextlib.contextmanager
 def private_services(root: Path):
-    """A SeaweedFS + MLflow pair of the bench's own (free ports, a fresh state folder)."""
+    """A SeaweedFS + MLflow pair of the bench's own, with tracking pointed at it."""
     from zhllama.core import services
-    from zhllama.core.settings import Settings
 
-    state = Path(tempfile.mkdtemp(prefix="serving-services-", dir=root))
-    ports = {
-        "ZHLLAMA_STATE_DIR": str(state),
-        **{
-            name: str(services.free_service_port())
-            for name in (
-                "ZHLLAMA_S3_PORT",
-                "ZHLLAMA_WEED_MASTER_PORT",
-                "ZHLLAMA_WEED_VOLUME_PORT",
-                "ZHLLAMA_WEED_FILER_PORT",
-                "ZHLLAMA_MLFLOW_PORT",
-            )
-        },
-    }
-    saved = {k: os.environ.get(k) for k in (*ports, "MLFLOW_TRACKING_URI")}
-    os.environ.update(ports)
-    settings = Settings()
-    os.environ["MLFLOW_TRACKING_URI"] = settings.mlflow_uri
-    try:
-        services.up(settings)
-        yield settings
-    finally:
-        services.down(settings)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    with services.private(Path(tempfile.mkdtemp(prefix="serving-services-", dir=root))) as settings:
+        os.environ["MLFLOW_TRACKING_URI"] = settings.mlflow_uri
+        try:
+            yield settings
+        finally:
+            if saved is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
             else:
-                os.environ[key] = value
+                os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def register_for_bench(model_dir: Path, name: str) -> str:

@@ -57,39 +57,14 @@ def vocab_run(tmp_path_factory, small_corpus) -> Path:
     return out
 
 
-def _free_port() -> int:
-    from zhllama.core.services import free_service_port
-
-    return free_service_port()
-
-
 @pytest.fixture(scope="session")
 def services(tmp_path_factory) -> Settings:
     """The real SeaweedFS object store and MLflow server, on free ports and a fresh state dir,
     so a developer's own `make services` is left alone."""
     from zhllama.core import services as svc
 
-    ports = {
-        "ZHLLAMA_STATE_DIR": str(tmp_path_factory.mktemp("services")),
-        "ZHLLAMA_S3_PORT": str(_free_port()),
-        "ZHLLAMA_WEED_MASTER_PORT": str(_free_port()),
-        "ZHLLAMA_WEED_VOLUME_PORT": str(_free_port()),
-        "ZHLLAMA_WEED_FILER_PORT": str(_free_port()),
-        "ZHLLAMA_MLFLOW_PORT": str(_free_port()),
-    }
-    saved = {k: os.environ.get(k) for k in ports}
-    os.environ.update(ports)
-    settings = Settings()
-    try:
-        svc.up(settings)
+    with svc.private(tmp_path_factory.mktemp("services")) as settings:
         yield settings
-    finally:
-        svc.down(settings)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 TINY_PRESET = PROJECT_ROOT / "configs" / "tiny.yaml"  # the tiny settings, declared once

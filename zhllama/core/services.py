@@ -8,6 +8,7 @@ test fixtures call these same functions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from zhllama.core.settings import Settings, get_settings
@@ -79,6 +81,36 @@ def free_service_port(_taken: set[int] = set()) -> int:  # the default remembers
         if port not in _taken and port + 10000 not in _taken and _port_free(port) and _port_free(port + 10000):
             _taken.update({port, port + 10000})
             return port
+
+
+PORT_VARIABLES = (
+    "ZHLLAMA_S3_PORT",
+    "ZHLLAMA_WEED_MASTER_PORT",
+    "ZHLLAMA_WEED_VOLUME_PORT",
+    "ZHLLAMA_WEED_FILER_PORT",
+    "ZHLLAMA_MLFLOW_PORT",
+)
+
+
+@contextlib.contextmanager
+def private(state_dir: Path) -> Iterator[Settings]:
+    """A SeaweedFS + MLflow pair of one's own (the tests', the benchmarks'): free ports and a
+    fresh state folder, set in the environment for the block (the steps and servers it starts
+    read them there), stopped and put back after it. A developer's `make services` is left alone."""
+    values = {"ZHLLAMA_STATE_DIR": str(state_dir), **{name: str(free_service_port()) for name in PORT_VARIABLES}}
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    settings = Settings()
+    try:
+        up(settings)
+        yield settings
+    finally:
+        down(settings)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def s3_is_up(settings: Settings) -> bool:
