@@ -101,6 +101,7 @@ components: ## write components/*.py and pipelines/signature.py from the stage t
 compile: components ## compile the Kubeflow pipeline YAMLs (CPU and GPU), checked in; upload one in the Kubeflow UI
 	$(PY) -m zhllama.cli compile
 	$(PY) -m zhllama.cli compile --gpus 1
+	$(PY) -m zhllama.cli compile --launcher trainjob
 
 run: ## the whole DAG on this machine through kfp.local (services, default data and base); cached steps are reused
 	@$(PY) -m zhllama.core.services status >/dev/null 2>&1 || $(MAKE) services

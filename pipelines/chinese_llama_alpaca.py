@@ -25,6 +25,7 @@ from kfp import dsl
 from components.base import base_cpu as base
 from components.data import data_cpu as data
 from components.evaluate import evaluate_cpu as evaluate
+from components.images import IMAGE_CPU, IMAGE_CUDA
 from components.merge import merge_cpu as merge
 from components.prerequisites import prerequisites_cpu as prerequisites
 from components.pretrain import pretrain_cpu, pretrain_gpu
@@ -51,6 +52,9 @@ TRAIN_STEP = {
     "memory": "64G",
 }  # 7B LoRA + full embed/lm_head in bf16: ~40 GB GPU, ~60 GB host for loading and merging
 MERGE_STEP = {"cpu": "4", "memory": "48G"}  # default merge peaks ~2.1x the model's size; merge_low_memory ~1.1x
+LAUNCH_STEP = {"cpu": "1", "memory": "4G"}  # train_launcher=trainjob: the step only stages data and follows the job
+# A preempted or killed training pod: KFP runs the step again, and it resumes from its durable checkpoint.
+TRAIN_RETRY = {"num_retries": 3, "backoff_duration": "15s", "backoff_factor": 2.0, "backoff_max_duration": "600s"}
 
 
 def _cluster_settings(
@@ -83,18 +87,38 @@ def _cluster_settings(
     return task
 
 
-def build_pipeline(gpus: int = 0, code_version: str | None = None):
-    """The pipeline function; ``gpus`` > 0 gives the CUDA variant (training steps on GPUs)."""
+def build_pipeline(gpus: int = 0, code_version: str | None = None, launcher: str = "in_pod"):
+    """The pipeline function; ``gpus`` > 0 gives the CUDA variant (training steps on GPUs);
+    ``launcher="trainjob"`` the variant whose training runs in Kubeflow Trainer TrainJobs (the
+    steps are light pods that launch them; ``gpus`` then counts per TrainJob node)."""
     pretrain_op, sft_op = (pretrain_gpu, sft_gpu) if gpus else (pretrain_cpu, sft_cpu)
+    trainjob = launcher == "trainjob"
+    node = ",".join(f"{k}={v}" for k, v in {**TRAIN_STEP, **({"gpu": str(gpus)} if gpus else {})}.items())
+    training_image = IMAGE_CUDA if gpus else IMAGE_CPU
 
     def _cluster(task: dsl.PipelineTask, resources: dict[str, str], gpus: int = 0) -> dsl.PipelineTask:
         return _cluster_settings(task, resources, gpus, code_version)
+
+    def _training_step(task: dsl.PipelineTask) -> dsl.PipelineTask:
+        """Retried on failure; in the trainjob variant a light pod (the TrainJob's nodes get the GPUs)."""
+        task.set_retry(**TRAIN_RETRY)
+        return _cluster(task, LAUNCH_STEP, 0) if trainjob else _cluster(task, TRAIN_STEP, gpus)
 
     def wire(*args: Any, **kwargs: Any) -> None:
         by_stage = signature.parameters(*args, **kwargs)  # KFP passes the parameters positionally
         p = by_stage["run"]
         track = {"mlflow_tracking_uri": p["mlflow_tracking_uri"], "mlflow_experiment": p["mlflow_experiment"]}
-        scale = {"nproc_per_node": p["train_nproc_per_node"], "nnodes": p["train_nnodes"]}
+        scale = {
+            "nproc_per_node": p["train_nproc_per_node"],
+            "nnodes": p["train_nnodes"],
+            "train_launcher": p["train_launcher"],
+            "checkpoint_uri": p["checkpoint_uri"],
+            # the checkpoint key: resolved when the task runs, so no cache key holds a per-run value
+            "checkpoint_run": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            "checkpoint_task": dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
+            "trainjob_image": training_image,
+            "trainjob_resources": node,
+        }
 
         check = _cluster(prerequisites(**by_stage["all"]).set_display_name("prerequisites"), CPU_STEP)
         check.set_caching_options(False)  # cheap, and the server may have gone down since
@@ -133,7 +157,7 @@ def build_pipeline(gpus: int = 0, code_version: str | None = None):
             task = pretrain_op(
                 base_model=base_model_in, vocab=vocab_in, shards=dsl.Collected(shards_in), stage=stage, **{**pt, **more}
             )
-            return _cluster(task.set_display_name(display), TRAIN_STEP, gpus)
+            return _training_step(task.set_display_name(display))
 
         def merged(display: str, base_model_in, adapter_run, **more: Any) -> dsl.PipelineTask:
             task = merge(
@@ -152,16 +176,14 @@ def build_pipeline(gpus: int = 0, code_version: str | None = None):
                 2, "pretrain-stage2", pt_base, tokenizer.outputs["tokenizer"], shards, base_model_subdir=pt_base_subdir
             )
             merged_pt = merged("merge-pt", pt_base, stage2.outputs["run"], base_model_subdir=pt_base_subdir)
-            tuned = _cluster(
+            tuned = _training_step(
                 sft_op(
                     model=merged_pt.outputs["merged"],
                     data=dataset.outputs["dataset"],
                     **by_stage["sft"],
                     **track,
                     **scale,
-                ),
-                TRAIN_STEP,
-                gpus,
+                )
             )
             final = merged("merge-final", merged_pt.outputs["merged"], tuned.outputs["run"])
 
@@ -238,10 +260,18 @@ def build_pipeline(gpus: int = 0, code_version: str | None = None):
             )
 
     # The signature KFP reads: the generated one's typed parameters, with their defaults.
-    wire.__signature__ = inspect.signature(signature.parameters).replace(return_annotation=inspect.Signature.empty)
+    params = inspect.signature(signature.parameters)
+    if trainjob:
+        params = params.replace(
+            parameters=[
+                q.replace(default="trainjob") if q.name == "train_launcher" else q for q in params.parameters.values()
+            ]
+        )
+    wire.__signature__ = params.replace(return_annotation=inspect.Signature.empty)
     wire.__name__ = wire.__qualname__ = PIPELINE_NAME.replace("-", "_")
     wire.__doc__ = DESCRIPTION
-    return dsl.pipeline(name=PIPELINE_NAME + ("-gpu" if gpus else ""), description=DESCRIPTION)(wire)
+    name = PIPELINE_NAME + ("-gpu" if gpus else "") + ("-trainjob" if trainjob else "")
+    return dsl.pipeline(name=name, description=DESCRIPTION)(wire)
 
 
 chinese_llama_alpaca = build_pipeline()

@@ -15,13 +15,25 @@ COMPILED = {
     0: Path(__file__).resolve().parent / "chinese_llama_alpaca.yaml",
     1: Path(__file__).resolve().parent / "chinese_llama_alpaca_gpu.yaml",
 }
+# Training in Kubeflow Trainer v2 TrainJobs (GPU nodes), launched by light pipeline steps.
+COMPILED_TRAINJOB = Path(__file__).resolve().parent / "chinese_llama_alpaca_trainjob.yaml"
+TRAINJOB_GPUS = 1  # per TrainJob node; train_nproc_per_node processes each
 
 
-def compile_pipeline(out: str | os.PathLike[str] | None = None, gpus: int = 0) -> Path:
-    """Write the compiled pipeline YAML (the file a user uploads in the Kubeflow UI)."""
+def compiled_path(gpus: int = 0, launcher: str = "in_pod") -> Path:
+    return COMPILED_TRAINJOB if launcher == "trainjob" else COMPILED[1 if gpus else 0]
+
+
+def compile_pipeline(out: str | os.PathLike[str] | None = None, gpus: int = 0, launcher: str = "in_pod") -> Path:
+    """Write the compiled pipeline YAML (the file a user uploads in the Kubeflow UI); the
+    trainjob variant's TrainJob nodes have TRAINJOB_GPUS GPUs unless ``gpus`` says otherwise."""
     from pipelines.chinese_llama_alpaca import build_pipeline
 
-    return kfp_submit.compile_pipeline(build_pipeline(gpus), Path(out) if out else COMPILED[1 if gpus else 0])
+    if launcher == "trainjob":
+        gpus = gpus or TRAINJOB_GPUS
+    return kfp_submit.compile_pipeline(
+        build_pipeline(gpus, launcher=launcher), Path(out) if out else compiled_path(gpus, launcher)
+    )
 
 
 def parse_params(pairs: list[str]) -> dict[str, Any]:

@@ -110,6 +110,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         name=args.stage_name,
         where=_where(args),
         shard_dirs=args.shards or (),
+        durable_uri=args.durable_checkpoints,
     )
     _print_train_summary(metrics, args.out)
     return 0
@@ -126,6 +127,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
         resume=args.resume,
         where=_where(args),
         text_files=[args.mix_text] if args.mix_text else [],
+        durable_uri=args.durable_checkpoints,
     )
     _print_train_summary(metrics, args.out)
     return 0
@@ -314,7 +316,7 @@ def _pipelines():
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    path = _pipelines().compile_pipeline(args.out, args.gpus)
+    path = _pipelines().compile_pipeline(args.out, args.gpus, args.launcher)
     print(f"compiled         {path}")
     return 0
 
@@ -421,10 +423,20 @@ def _pretrain_io(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", default="runs/pt")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --out")
+    _durable_option(p)
     p.add_argument(
         "--stage_name",
         default="",
         help="the MLflow run name; empty: pretrain_stage1/2 (pretrain_base_vocab for the ablation)",
+    )
+
+
+def _durable_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--durable_checkpoints",
+        default="",
+        help="s3://bucket/prefix: mirror every checkpoint there (in the background, atomically) and resume from the "
+        "newest complete one (what a pipeline step does under its run and task)",
     )
 
 
@@ -442,6 +454,7 @@ def _sft_io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--valid", default="data/sft/valid.json")
     p.add_argument("--out", default="runs/sft")
     p.add_argument("--resume", action="store_true")
+    _durable_option(p)
     p.add_argument(
         "--mix_text", default="data/corpus/train.txt", help="corpus text replayed when text_mix_share > 0 ('' for none)"
     )
@@ -578,6 +591,12 @@ def _add_other_commands(sub: Any) -> None:
     p = sub.add_parser("compile", help="compile the Kubeflow pipeline to YAML (the file to upload in the UI)")
     p.add_argument("--out", default=None, help="default: pipelines/chinese_llama_alpaca[_gpu].yaml")
     p.add_argument("--gpus", type=int, default=0, help="GPUs per training step (the CUDA image); 0: the CPU pipeline")
+    p.add_argument(
+        "--launcher",
+        choices=("in_pod", "trainjob"),
+        default="in_pod",
+        help="trainjob: the variant whose training runs in Kubeflow Trainer TrainJobs (pipelines/chinese_llama_alpaca_trainjob.yaml)",
+    )
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("submit", help="compile and submit the pipeline to a Kubeflow Pipelines endpoint")

@@ -200,7 +200,7 @@ def s3_client(settings: Settings | None = None):
 def ensure_buckets(settings: Settings) -> None:
     client = s3_client(settings)
     existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
-    for bucket in (settings.mlflow_bucket, settings.dvc_bucket):
+    for bucket in (settings.mlflow_bucket, settings.dvc_bucket, settings.checkpoint_bucket):
         if bucket not in existing:
             client.create_bucket(Bucket=bucket)
             log.info("created bucket s3://%s", bucket)
@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     action = args[0] if args else "status"
     if action == "up":
         settings = up()
-        print(f"object store: {settings.s3_endpoint}  (buckets {settings.mlflow_bucket}, {settings.dvc_bucket})")
+        buckets = ", ".join((settings.mlflow_bucket, settings.dvc_bucket, settings.checkpoint_bucket))
+        print(f"object store: {settings.s3_endpoint}  (buckets {buckets})")
         print(f"MLflow:       {settings.mlflow_uri}")
     elif action == "down":
         down()

@@ -47,6 +47,8 @@ class Settings:
     s3_secret_key: str = field(default_factory=lambda: _env("ZHLLAMA_S3_SECRET_KEY", "zhllama-local-only"))
     mlflow_bucket: str = field(default_factory=lambda: _env("ZHLLAMA_MLFLOW_BUCKET", "mlflow"))
     dvc_bucket: str = field(default_factory=lambda: _env("ZHLLAMA_DVC_BUCKET", "dvc"))
+    # Training steps' durable checkpoints (s3://<bucket>/<pipeline run>/<task>/checkpoint-N/).
+    checkpoint_bucket: str = field(default_factory=lambda: _env("ZHLLAMA_CHECKPOINT_BUCKET", "checkpoints"))
     # Files a checkout has; each can point elsewhere when the package is installed on its own.
     mlflow_server_script: Path = field(
         default_factory=lambda: Path(_env("ZHLLAMA_MLFLOW_SERVER_SCRIPT", str(PROJECT_ROOT / "mlflow" / "server.sh")))

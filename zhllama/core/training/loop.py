@@ -10,7 +10,9 @@ What it guarantees:
   data-parallel training compute the same gradient as one big batch;
 * only trainable parameters reach the optimizer (frozen ones are filtered out), and a
   checkpoint holds exactly those by name: resume fails loudly, naming missing keys;
-* checkpoints are written whole or not at all (temp dir, rename).
+* checkpoints are written whole or not at all (temp dir, rename); with ``durable_uri`` each is
+  also mirrored to the object store in the background (durable.py), and the run starts from
+  the newest complete one there: a retried step on a fresh pod resumes.
 """
 
 from __future__ import annotations
@@ -311,13 +313,17 @@ def train(
     on_log: Callable[[dict[str, Any]], None] | None = None,
     objective: Objective | None = None,
     eval_metrics: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    durable_uri: str = "",
 ) -> TrainResult:
     """Train ``model`` in place on ``objective`` (default: the causal-LM loss).
     ``stop_after_steps`` ends early (after checkpointing) to simulate an interruption in tests;
     ``on_log`` receives every log entry as it is made (on the main process), e.g. to send step
     metrics to MLflow; ``eval_metrics`` adds the recipe's own figures (e.g. task accuracy) to
-    every evaluation, computed on the model in eval mode."""
+    every evaluation, computed on the model in eval mode. ``durable_uri`` (s3://..., one task's
+    own prefix) mirrors every checkpoint there and resumes from the newest complete one."""
     from tqdm.auto import tqdm
+
+    from zhllama.core.training.durable import CheckpointStore
 
     world = world or Dist()
     objective = objective or CausalLMObjective()
@@ -338,7 +344,15 @@ def train(
         optimizer, cosine_with_warmup(total_steps, int(total_steps * cfg.warmup_ratio))
     )
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" and world.device.type == "cuda" else None
+    store = CheckpointStore(durable_uri, keep=cfg.save_total_limit) if durable_uri else None
+    if store is not None:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one download per node; its ranks share run_dir
+            store.download_latest(run_dir)
+        if world.world_size > 1:
+            dist.barrier()
+        resume = True
     step, history = _resume(run_dir, model, optimizer, scheduler, total_steps) if resume else (0, [])
+    resumed_from = step
     # the logged "lr" is that of cfg.learning_rate's group (a recipe may give some parameters their own)
     main_group = next((k for k, g in enumerate(optimizer.param_groups) if g["initial_lr"] == cfg.learning_rate), 0)
 
@@ -418,7 +432,7 @@ def train(
             step % cfg.save_steps == 0 or (stop_after_steps is not None and step == stop_after_steps)
         ):
             if world.is_main:
-                save_checkpoint(
+                saved = save_checkpoint(
                     run_dir,
                     model,
                     optimizer,
@@ -426,13 +440,19 @@ def train(
                     {"step": step, "total_steps": total_steps, "log_history": history},
                     cfg.save_total_limit,
                 )
+                if store is not None:
+                    store.submit(saved)
             if world.world_size > 1:
                 dist.barrier()
         if stop_after_steps is not None and step >= stop_after_steps:
             break
     progress.close()
     elapsed = time.perf_counter() - started
+    if store is not None and world.is_main:
+        store.close()
     metrics: dict[str, Any] = {
+        "resumed_from_step": resumed_from,
+        **(store.summary() if store is not None and world.is_main else {}),
         "steps": step,
         "total_steps": total_steps,
         "train_seconds": elapsed,

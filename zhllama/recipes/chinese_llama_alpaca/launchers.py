@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ def check_prerequisites(parameters: dict[str, Any]) -> dict[str, Any]:
     server answers, and the promotion metrics are ones evaluation produces."""
     from zhllama.core import tracking
     from zhllama.core.config import parse_floor_threshold, parse_promotion_metric
+    from zhllama.core.training.durable import DISABLED, parse_s3_uri
     from zhllama.recipes.chinese_llama_alpaca.stages import RECIPE, promotion_metrics
 
     checked = RECIPE.check_parameters(parameters)
@@ -61,6 +63,13 @@ def check_prerequisites(parameters: dict[str, Any]) -> dict[str, Any]:
                 f"pipeline parameter register_floor_thresholds: {name!r} is not an evaluation metric "
                 f"({', '.join(sorted(known))})"
             )
+    Training(
+        nproc_per_node=parameters.get("train_nproc_per_node", 1),
+        nnodes=parameters.get("train_nnodes", 1),
+        train_launcher=parameters.get("train_launcher", "in_pod"),
+    ).check()
+    if (store := parameters.get("checkpoint_uri", "")) and store.lower() not in DISABLED:
+        parse_s3_uri(store)
     uri = parameters.get("mlflow_tracking_uri") or tracking.tracking_uri()
     tracking.check_server(uri)
     return {"configs_checked": len(checked), "tracking_uri": uri}
@@ -172,6 +181,130 @@ def tokenize(
     shard.metadata.update(info)
 
 
+@dataclass(frozen=True)
+class Training:
+    """How a training step runs (the stage table's SCALE and TRAINING parameters)."""
+
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    checkpoint_uri: str = ""
+    checkpoint_run: str = ""
+    checkpoint_task: str = ""
+    train_launcher: str = "in_pod"
+    trainjob_image: str = ""
+    trainjob_resources: str = ""
+
+    def durable_uri(self) -> str:
+        """This task's own checkpoint prefix ("" when off or outside a pipeline run)."""
+        from zhllama.core.training.durable import resolve_uri
+
+        return resolve_uri(self.checkpoint_uri, self.checkpoint_run, self.checkpoint_task)
+
+    def check(self) -> None:
+        if self.train_launcher not in LAUNCHERS:
+            raise InputError(f"train_launcher {self.train_launcher!r}: one of {', '.join(LAUNCHERS)}")
+        if self.nproc_per_node < 1 or self.nnodes < 1:
+            raise InputError("train_nproc_per_node and train_nnodes must be >= 1")
+
+
+LAUNCHERS = ("in_pod", "trainjob")
+
+
+def _resources(text: str, where: str = "trainjob_resources") -> dict[str, str]:
+    """``cpu=8,memory=64Gi,gpu=1`` -> {"cpu": "8", ...}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key or not value:
+            raise InputError(f"{where} {text!r}: expected key=value pairs, e.g. cpu=8,memory=64Gi,gpu=1")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _train(
+    subcommand: str,
+    argv: list[str],
+    inputs: dict[str, str],
+    out_dir: str,
+    how: Training,
+    mlflow_experiment: str,
+    in_process,
+) -> dict[str, Any]:
+    """One training stage, launched as ``how`` says: ``in_process(durable_uri)`` alone, torchrun
+    in this pod, or a TrainJob. ``argv`` names inputs as ``{input:NAME}`` (NAME in ``inputs``,
+    a local folder) and the run folder as ``{output}``."""
+    how.check()
+    durable_uri = how.durable_uri()
+    flags = ["--durable_checkpoints", durable_uri] if durable_uri else []
+    if how.train_launcher == "trainjob":
+        return _trainjob(subcommand, argv + flags, inputs, out_dir, how, durable_uri, mlflow_experiment)
+    if how.nproc_per_node * how.nnodes > 1:
+        filled = [_fill(a, inputs, out_dir) for a in argv]
+        launch.torchrun(
+            "zhllama.cli",
+            [*_tracking_flags(mlflow_experiment), subcommand, *filled, *flags],
+            how.nproc_per_node,
+            how.nnodes,
+        )
+        return read_json(Path(out_dir) / "metrics.json")
+    return in_process(durable_uri)
+
+
+def _fill(arg: str, inputs: dict[str, str], out_dir: str) -> str:
+    for name, path in inputs.items():
+        arg = arg.replace(f"{{input:{name}}}", path)
+    return arg.replace("{output}", out_dir)
+
+
+def _trainjob(
+    subcommand: str,
+    argv: list[str],
+    inputs: dict[str, str],
+    out_dir: str,
+    how: Training,
+    durable_uri: str,
+    mlflow_experiment: str,
+) -> dict[str, Any]:
+    import os
+
+    from zhllama.core import trainjob
+
+    if not durable_uri:
+        raise InputError(
+            "train_launcher=trainjob moves inputs and outputs through the object store: checkpoint_uri may not be "
+            "'none', and the step needs its pipeline run and task (checkpoint_run, checkpoint_task)"
+        )
+    if not how.trainjob_image:
+        raise InputError("train_launcher=trainjob needs trainjob_image (the pipeline passes its training image)")
+    work = f"{durable_uri}/trainjob"
+    backend = os.environ.get("ZHLLAMA_TRAINJOB_BACKEND", "kubernetes")
+    # Not secrets: on a cluster the TrainingRuntime gives the nodes the S3 and MLflow credentials.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k in ("ZHLLAMA_PIPELINE_RUN_ID", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+        or (backend != "kubernetes" and k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
+    }
+    spec = trainjob.JobSpec(
+        argv=[*_tracking_flags(mlflow_experiment), subcommand, *argv],
+        inputs={name: f"{work}/inputs/{name}" for name in inputs},
+        output=f"{work}/output",
+        nproc_per_node=how.nproc_per_node,
+        env=env,
+    )
+    info = trainjob.launch(
+        spec,
+        inputs,
+        out_dir,
+        work,
+        image=how.trainjob_image,
+        nnodes=how.nnodes,
+        resources_per_node=_resources(how.trainjob_resources),
+        backend=backend,
+    )
+    return {**read_json(Path(out_dir) / "metrics.json"), **info}
+
+
 def pretrain(
     base_model: Any,
     vocab: Any,
@@ -179,43 +312,54 @@ def pretrain(
     run: Any,
     metrics: Any,
     config: PretrainConfig,
-    nproc_per_node: int = 1,
-    nnodes: int = 1,
     base_model_subdir: str = "",
     vocab_subdir: str = "tokenizer",
     stage_name: str = "",
     mlflow_tracking_uri: str = "",
     mlflow_experiment: str = "",
+    **training: Any,
 ) -> None:
+    """``training``: the Training fields (nproc_per_node, nnodes, checkpoint_*, train_launcher, trainjob_*)."""
     where = launch.step_setup(mlflow_tracking_uri, mlflow_experiment)
     model_dir = launch.subdir(base_model.path, base_model_subdir)
     tokenizer, shard_dirs = Path(launch.subdir(vocab.path, vocab_subdir)), [s.path for s in shards]
-    if nproc_per_node * nnodes > 1:
-        launch.torchrun(
-            "zhllama.cli",
-            [
-                *_tracking_flags(mlflow_experiment),
-                "pretrain",
-                "--base_model",
-                model_dir,
-                "--tokenizer",
-                str(tokenizer),
-                "--shards",
-                *shard_dirs,
-                "--out",
-                run.path,
-                "--stage_name",
-                stage_name,
-                *launch.config_flags(config),
-            ],
-            nproc_per_node,
-            nnodes,
-        )
-        result = read_json(Path(run.path) / "metrics.json")
-    else:
-        result = runs.pretrain(
-            model_dir, tokenizer, [], run.path, config, name=stage_name, where=where, shard_dirs=shard_dirs
-        )
+    inputs = {
+        "base_model": model_dir,
+        "tokenizer": str(tokenizer),
+        **{f"shard-{k}": d for k, d in enumerate(shard_dirs)},
+    }
+    argv = [
+        "--base_model",
+        "{input:base_model}",
+        "--tokenizer",
+        "{input:tokenizer}",
+        "--shards",
+        *(f"{{input:shard-{k}}}" for k in range(len(shard_dirs))),
+        "--out",
+        "{output}",
+        "--stage_name",
+        stage_name,
+        *launch.config_flags(config),
+    ]
+    result = _train(
+        "pretrain",
+        argv,
+        inputs,
+        run.path,
+        Training(**training),
+        mlflow_experiment,
+        lambda durable_uri: runs.pretrain(
+            model_dir,
+            tokenizer,
+            [],
+            run.path,
+            config,
+            name=stage_name,
+            where=where,
+            shard_dirs=shard_dirs,
+            durable_uri=durable_uri,
+        ),
+    )
     launch.log_kfp_metrics(metrics, result)
 
 
@@ -251,37 +395,45 @@ def sft(
     run: Any,
     metrics: Any,
     config: SftConfig,
-    nproc_per_node: int = 1,
-    nnodes: int = 1,
     mlflow_tracking_uri: str = "",
     mlflow_experiment: str = "",
+    **training: Any,
 ) -> None:
+    """``training``: the Training fields, as for pretrain."""
     where = launch.step_setup(mlflow_tracking_uri, mlflow_experiment)
-    train, valid, text = Path(data.path) / SFT_TRAIN, Path(data.path) / SFT_VALID, Path(data.path) / CORPUS_TRAIN
-    if nproc_per_node * nnodes > 1:
-        launch.torchrun(
-            "zhllama.cli",
-            [
-                *_tracking_flags(mlflow_experiment),
-                "sft",
-                "--model",
-                model.path,
-                "--train",
-                str(train),
-                "--valid",
-                str(valid),
-                "--out",
-                run.path,
-                "--mix_text",
-                str(text),
-                *launch.config_flags(config),
-            ],
-            nproc_per_node,
-            nnodes,
-        )
-        result = read_json(Path(run.path) / "metrics.json")
-    else:
-        result = runs.sft(model.path, train, valid, run.path, config, where=where, text_files=[text])
+    inputs = {"model": model.path, "data": data.path}
+    argv = [
+        "--model",
+        "{input:model}",
+        "--train",
+        f"{{input:data}}/{SFT_TRAIN}",
+        "--valid",
+        f"{{input:data}}/{SFT_VALID}",
+        "--out",
+        "{output}",
+        "--mix_text",
+        f"{{input:data}}/{CORPUS_TRAIN}",
+        *launch.config_flags(config),
+    ]
+    data_dir = Path(data.path)
+    result = _train(
+        "sft",
+        argv,
+        inputs,
+        run.path,
+        Training(**training),
+        mlflow_experiment,
+        lambda durable_uri: runs.sft(
+            model.path,
+            data_dir / SFT_TRAIN,
+            data_dir / SFT_VALID,
+            run.path,
+            config,
+            where=where,
+            text_files=[data_dir / CORPUS_TRAIN],
+            durable_uri=durable_uri,
+        ),
+    )
     launch.log_kfp_metrics(metrics, result)
 
 

@@ -201,9 +201,11 @@ def run_pretrain(
     world: Dist | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     shard_dirs: Sequence[str | os.PathLike[str]] = (),
+    durable_uri: str = "",
 ) -> dict[str, Any]:
     """Pretrain on ``train_files``, or on the token shards in ``shard_dirs`` (the pipeline's
-    tokenize fan-out; then ``train_files`` is not read); writes ``adapter/`` (stage 2) or ``model/`` (stage 1), ``tokenizer/``,
+    tokenize fan-out; then ``train_files`` is not read); ``durable_uri``: checkpoints mirrored
+    there and resumed from (loop.train); writes ``adapter/`` (stage 2) or ``model/`` (stage 1), ``tokenizer/``,
     ``train_log.json`` and ``metrics.json`` (last, so its presence means the run finished)."""
     world = world or init_distributed()
     out_dir = Path(out_dir)
@@ -243,6 +245,7 @@ def run_pretrain(
         world=world,
         stop_after_steps=stop_after_steps,
         on_log=on_log,
+        durable_uri=durable_uri,
     )
     metrics = {
         **result.metrics,

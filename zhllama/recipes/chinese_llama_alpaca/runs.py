@@ -124,8 +124,10 @@ def pretrain(
     name: str = "",
     where: RunTarget | None = None,
     shard_dirs: Sequence[PathLike] = (),
+    durable_uri: str = "",
 ) -> dict[str, Any]:
-    """PT on the corpus files ``train``, or on the token shard folders ``shard_dirs``."""
+    """PT on the corpus files ``train``, or on the token shard folders ``shard_dirs``;
+    ``durable_uri``: where its checkpoints are mirrored and resumed from."""
     from zhllama.recipes.chinese_llama_alpaca.pretrain import run_pretrain
 
     with stage_run(where, name or f"pretrain_stage{cfg.stage}", cfg, base_model=base_model, tokenizer=tokenizer) as run:
@@ -134,7 +136,15 @@ def pretrain(
         else:
             _log_data_input(run, train[0])
         metrics = run_pretrain(
-            base_model, tokenizer, train, out, cfg, resume=resume, on_log=run.log_step, shard_dirs=shard_dirs
+            base_model,
+            tokenizer,
+            train,
+            out,
+            cfg,
+            resume=resume,
+            on_log=run.log_step,
+            shard_dirs=shard_dirs,
+            durable_uri=durable_uri,
         )
         _log_outputs(run, metrics, out, ("metrics.json", "train_log.json"))
     return metrics
@@ -167,6 +177,7 @@ def sft(
     resume: bool = False,
     where: RunTarget | None = None,
     text_files: Sequence[PathLike] = (),
+    durable_uri: str = "",
 ) -> dict[str, Any]:
     from zhllama.recipes.chinese_llama_alpaca.sft import run_sft
 
@@ -181,6 +192,7 @@ def sft(
             resume=resume,
             on_log=run.log_step,
             text_files=text_files,
+            durable_uri=durable_uri,
         )
         _log_outputs(run, metrics, out, ("metrics.json", "train_log.json"))
     return metrics

@@ -458,6 +458,7 @@ def run_sft(
     world: Dist | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     text_files: Sequence[str | os.PathLike[str]] = (),
+    durable_uri: str = "",
 ) -> dict[str, Any]:
     """SFT with LoRA from the PT-merged model; writes ``adapter/``, ``tokenizer/`` (with
     ``[PAD]``), ``train_log.json`` and ``metrics.json``. With ``cfg.text_mix_share``, rows of
@@ -489,6 +490,7 @@ def run_sft(
         stop_after_steps=stop_after_steps,
         on_log=on_log,
         eval_metrics=eval_metrics,
+        durable_uri=durable_uri,
     )
     metrics = {
         **result.metrics,

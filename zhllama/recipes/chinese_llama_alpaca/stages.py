@@ -23,7 +23,32 @@ from zhllama.recipes.chinese_llama_alpaca.configs import (
 
 SCALE = (
     ("nproc_per_node", int, 1, "processes (GPUs) per node: torchrun inside the container"),
-    ("nnodes", int, 1, "nodes (a multi-node launch needs MASTER_ADDR/NODE_RANK, e.g. a PyTorchJob)"),
+    ("nnodes", int, 1, "nodes: a TrainJob's (train_launcher=trainjob), or MASTER_ADDR/NODE_RANK from the environment"),
+)
+# What a training step needs to survive a retry, and how it launches (each a run parameter too).
+TRAINING = (
+    (
+        "checkpoint_uri",
+        str,
+        "",
+        "s3://bucket[/prefix] for durable checkpoints, kept under <pipeline run>/<task>/; empty: "
+        "$ZHLLAMA_CHECKPOINT_URI, else s3://checkpoints; none: off",
+    ),
+    ("checkpoint_run", str, "", "the pipeline run part of the checkpoint key (the pipeline passes its run id)"),
+    ("checkpoint_task", str, "", "the task part of the checkpoint key (the pipeline passes its task name)"),
+    (
+        "train_launcher",
+        str,
+        "in_pod",
+        "in_pod: torchrun inside the step's pod; trainjob: a Kubeflow Trainer v2 TrainJob of nnodes x nproc_per_node",
+    ),
+    ("trainjob_image", str, "", "the TrainJob's image (the pipeline passes its training image)"),
+    (
+        "trainjob_resources",
+        str,
+        "",
+        "resources per TrainJob node, e.g. cpu=8,memory=64Gi,gpu=1 (the pipeline passes the training step's)",
+    ),
 )
 SUBDIR = (
     (
@@ -114,6 +139,7 @@ STAGES = (
         outputs={"run": "Model", "metrics": "Metrics"},
         parameters=(
             *SCALE,
+            *TRAINING,
             *SUBDIR,
             (
                 "vocab_subdir",
@@ -146,7 +172,7 @@ STAGES = (
         config=SftConfig,
         inputs={"model": "Model", "data": "Dataset"},
         outputs={"run": "Model", "metrics": "Metrics"},
-        parameters=SCALE,
+        parameters=(*SCALE, *TRAINING),
         metrics=TRAIN_METRICS,
         gpu_variant=True,
     ),
@@ -241,7 +267,21 @@ RUN_PARAMETERS = (
         "train_nnodes",
         int,
         1,
-        "nodes for pretrain and sft (a multi-node launch needs MASTER_ADDR/NODE_RANK, e.g. a PyTorchJob)",
+        "nodes for pretrain and sft (train_launcher=trainjob: the TrainJob's nodes)",
+    ),
+    (
+        "train_launcher",
+        str,
+        "in_pod",
+        "how pretrain and sft run: in_pod (torchrun inside the step's pod) or trainjob (a Kubeflow Trainer v2 "
+        "TrainJob on the torch-distributed runtime, train_nnodes x train_nproc_per_node, inputs and outputs via S3)",
+    ),
+    (
+        "checkpoint_uri",
+        str,
+        "",
+        "durable checkpoints of pretrain and sft (s3://bucket[/prefix], kept under <run>/<task>/; a retried step "
+        "resumes from there); empty: $ZHLLAMA_CHECKPOINT_URI, else s3://checkpoints; none: off",
     ),
 )
 
