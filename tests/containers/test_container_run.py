@@ -11,11 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import threading
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 from tests.containers.conftest import docker as _docker
 from tests.pipelines.test_local_run import STEPS, TINY
@@ -91,12 +95,50 @@ def test_host_ca_bundle_is_not_in_the_image(engine) -> None:
     assert "ca" not in done.stdout.split()
 
 
+class _KillAfterCheckpoint(threading.Thread):
+    """Watches the object store for the first durable checkpoint of a pretrain task, then kills
+    that task's container (docker kill: SIGKILL, as a preempted node gives no warning)."""
+
+    def __init__(self, engine: dict, bucket: str, prefix: str) -> None:
+        super().__init__(daemon=True)
+        self.engine, self.bucket, self.prefix = engine, bucket, prefix
+        self.killed: dict[str, object] = {}
+        self.stop = threading.Event()
+
+    def _container_of(self, task: str) -> str | None:
+        ids = _docker(self.engine, "ps", "-q").stdout.split()
+        for cid in ids:
+            cmd = " ".join(json.loads(_docker(self.engine, "inspect", "--format", "{{json .Config.Cmd}}", cid).stdout))
+            if re.search(rf'checkpoint_task\\?"\s*:\s*\\?"{re.escape(task)}\\?"', cmd):
+                return cid
+        return None
+
+    def run(self) -> None:
+        from zhllama.core.training import durable
+
+        s3 = durable.client()
+        pattern = re.compile(rf"^{re.escape(self.prefix)}/[^/]+/(pretrain[^/]*)/checkpoint-(\d+)/MANIFEST\.json$")
+        while not self.stop.is_set() and not self.killed:
+            try:
+                listed = s3.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix + "/").get("Contents", [])
+            except Exception:  # SeaweedFS may answer InternalError for a prefix nobody has written yet
+                listed = []
+            for obj in listed:
+                if match := pattern.match(obj["Key"]):
+                    cid = self._container_of(match[1])
+                    if cid and _docker(self.engine, "kill", cid).returncode == 0:
+                        self.killed = {"task": match[1], "step": int(match[2])}
+                        return
+            time.sleep(0.1)
+
+
 def test_compiled_yaml_is_current_and_runs_in_containers_then_is_all_cache(
     engine, services, local_runs, tmp_path_factory, monkeypatch
 ) -> None:
     """The YAML on disk equals a fresh compile; run it (not the Python DAG) with every step in a
-    container; it scores what the subprocess run of the Python DAG scores, registers a champion,
-    and a second run is all cache."""
+    container, killing a pretrain container after its first durable checkpoint: KFP's retry
+    resumes it from the object store, and the run still scores what the subprocess run of the
+    Python DAG scores (its adapter equal within 1e-6), registers a champion; a second run is all cache."""
     from pipelines.local import run_local
     from pipelines.submit import COMPILED, compile_pipeline
     from zhllama.core import registry, tracking
@@ -110,18 +152,30 @@ def test_compiled_yaml_is_current_and_runs_in_containers_then_is_all_cache(
     name = f"containers-{uuid.uuid4().hex[:6]}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", services.mlflow_uri)
     runs = []
+    store_prefix = f"kill-{name}"
+    arguments = {
+        **TINY,
+        "register_model_name": name,
+        "checkpoint_uri": f"s3://{services.checkpoint_bucket}/{store_prefix}",
+    }
+    killer = _KillAfterCheckpoint(engine, services.checkpoint_bucket, store_prefix)
+    killer.start()
     for attempt in ("first", "second"):
         monkeypatch.setenv("ZHLLAMA_PIPELINE_RUN_ID", f"{attempt}-{name}")
         runs.append(
-            run_local(
-                None,
-                {**TINY, "register_model_name": name},
-                pipeline_root=root / "outputs",
-                cache_root=root / "cache",
-                containers=True,
-            )
+            run_local(None, arguments, pipeline_root=root / "outputs", cache_root=root / "cache", containers=True)
         )
+        killer.stop.set()
     first, second = runs
+    # the killed step was retried and resumed from its durable checkpoint, ending where an uninterrupted run ends
+    assert killer.killed, "no pretrain container was killed: the watcher never saw a checkpoint"
+    task = killer.killed["task"]
+    ours_dir, theirs_dir = (Path(r["report"]).parents[1] / task for r in (first, local_runs[1][0]))
+    assert json.loads((ours_dir / "metrics").read_text())["resumed_from_step"] >= killer.killed["step"]
+    assert json.loads((theirs_dir / "metrics").read_text())["resumed_from_step"] == 0
+    a = load_file(str(ours_dir / "run" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(theirs_dir / "run" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a), task
     ran = {s.rsplit("-", 1)[0] if s[-1].isdigit() else s for s in first["step_seconds"]}
     assert ran >= STEPS, f"steps that did not run: {STEPS - ran}"
     assert first["registered"]["champion"] == first["registered"]["latest_version"] == "1"
@@ -150,7 +204,7 @@ def test_compiled_yaml_is_current_and_runs_in_containers_then_is_all_cache(
     try:
         third = run_local(
             None,
-            {**TINY, "register_model_name": name},
+            arguments,
             pipeline_root=root / "outputs",
             cache_root=root / "cache",
             containers=True,

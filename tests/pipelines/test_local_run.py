@@ -15,11 +15,12 @@ from zhllama.recipes.chinese_llama_alpaca.stages import RECIPE
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
-# configs/tiny.yaml as pipeline arguments, with two training steps a stage: the DAG is under test here.
+# configs/tiny.yaml as pipeline arguments, few SFT steps: the DAG is under test here; PT checkpoints every 5 steps.
 # Two corpus files: the tokenize fan-out runs two tasks, collected into each PT step.
 TINY = {
     **RECIPE.preset_arguments(TINY_PRESET),
-    "pt_max_steps": 2,
+    "pt_max_steps": 40,  # long enough for the container test to kill a PT step between checkpoints
+    "pt_save_steps": 5,
     "sft_max_steps": 2,
     "pt_corpus_files": ["corpus/train.txt", "corpus/valid.txt"],
 }

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.submit import COMPILED, compile_pipeline, parse_params
+from pipelines.submit import COMPILED, compile_pipeline, compiled_path, parse_params
 from zhllama.core.io import InputError
 from zhllama.core.settings import PROJECT_ROOT
 from zhllama.recipes.chinese_llama_alpaca.stages import RECIPE, RUN_PARAMETERS
@@ -61,11 +61,13 @@ def test_every_preset_maps_onto_pipeline_parameters() -> None:
             RECIPE.stage_config(stage.name, preset)
 
 
-@pytest.mark.parametrize("gpus", [0, 1], ids=["cpu", "gpu"])
-def test_checked_in_yaml_is_in_sync_with_the_code(tmp_path: Path, gpus: int, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("gpus", "launcher"), [(0, "in_pod"), (1, "in_pod"), (0, "trainjob")], ids=["cpu", "gpu", "trainjob"]
+)
+def test_checked_in_yaml_is_in_sync_with_the_code(tmp_path: Path, gpus: int, launcher: str, monkeypatch) -> None:
     monkeypatch.delenv("ZHLLAMA_IMAGE_REGISTRY", raising=False)
-    fresh = compile_pipeline(tmp_path / "fresh.yaml", gpus)
-    committed = COMPILED[gpus]
+    fresh = compile_pipeline(tmp_path / "fresh.yaml", gpus, launcher)
+    committed = compiled_path(gpus, launcher)
     assert committed.is_file(), f"{committed} missing: run make compile"
     fresh_docs, committed_docs = (
         list(yaml.safe_load_all(fresh.read_text())),
@@ -186,3 +188,37 @@ def test_compile_works_from_an_installed_wheel_outside_a_checkout(tmp_path: Path
         next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))["pipelineInfo"]["name"]
         == "zhllama-chinese-llama-alpaca"
     )
+
+
+def _training_tasks(spec: dict) -> dict[str, dict]:
+    """Every pretrain/sft task of the compiled DAG (inside its condition branches), by name."""
+    found = {}
+    for dag in [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]:
+        found.update(
+            {
+                n: t
+                for n, t in dag["tasks"].items()
+                if t["componentRef"]["name"].startswith(("comp-pretrain", "comp-sft"))
+            }
+        )
+    return found
+
+
+@pytest.mark.parametrize("launcher", ["in_pod", "trainjob"])
+def test_training_steps_retry_and_key_their_checkpoints_by_run_and_task(launcher: str) -> None:
+    spec = next(yaml.safe_load_all(compiled_path(0, launcher).read_text()))
+    tasks = _training_tasks(spec)
+    assert len(tasks) >= 5, sorted(tasks)  # stage 1, stage 2 in both branches, the ablation, sft
+    for name, task in tasks.items():
+        assert task["retryPolicy"]["maxRetryCount"] == 3 and task["retryPolicy"]["backoffDuration"] == "15s", name
+        params = task["inputs"]["parameters"]
+        assert params["checkpoint_run"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}", name
+        assert params["checkpoint_task"]["runtimeValue"]["constant"] == "{{$.pipeline_task_name}}", name
+        assert params["train_launcher"]["componentInputParameter"].endswith("train_launcher"), name
+    others = [t for t in spec["root"]["dag"]["tasks"].values() if t["componentRef"]["name"].startswith("comp-merge")]
+    assert all("retryPolicy" not in t for t in others)
+    root = spec["root"]["inputDefinitions"]["parameters"]
+    assert root["train_launcher"]["defaultValue"] == launcher
+    if launcher == "trainjob":  # light launcher pods; the GPUs and the CUDA image go to the TrainJob's nodes
+        text = compiled_path(0, launcher).read_text()
+        assert "zhllama-cuda:" in text and "gpu=1" in text

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,15 +39,7 @@ RUNTIME = "torch-distributed"
 NODE_COMMAND = ["python", "-m", "zhllama.core.trainjob", "node", "--spec"]
 # Outputs never shipped back: local checkpoints (the durable copy is in the store) and upload snapshots.
 OUTPUT_SKIP = ("checkpoints", ".upload")
-# What the launching step's service account must be allowed (deploy/trainer/rbac.yaml says the same).
-REQUIRED_ACCESS = (
-    ("trainer.kubeflow.org", "trainjobs", ("create", "get", "list", "watch", "delete")),
-    ("trainer.kubeflow.org", "clustertrainingruntimes", ("get", "list")),
-    ("trainer.kubeflow.org", "trainingruntimes", ("get", "list")),
-    ("", "pods", ("get", "list")),
-    ("", "pods/log", ("get",)),
-    ("", "events", ("list",)),
-)
+# What the launching step's service account may do: deploy/trainer/rbac.yaml (tested against the SDK's requests).
 
 
 @dataclass
@@ -126,10 +119,12 @@ def launch(
     namespace: str = "",
     runtime: str = RUNTIME,
     timeout: float = 7 * 24 * 3600,
+    client: Any = None,
 ) -> dict[str, Any]:
     """Run ``spec`` as a TrainJob of ``nnodes`` nodes and put node 0's run folder in
     ``out_dir``; raises with the job's error when it fails. ``work_uri``: the task's own
-    s3 prefix (inputs, spec and output go under it)."""
+    s3 prefix (inputs, spec and output go under it). ``client``: a TrainerClient of one's own
+    (else one for ``backend``)."""
     from kubeflow.trainer import CustomTrainer, CustomTrainerContainer
     from kubeflow.trainer.options import Name
 
@@ -143,7 +138,7 @@ def launch(
     _s3_json(s3, spec_uri, asdict(spec))
     staged = time.perf_counter() - started
 
-    client = trainer_client(backend, namespace)
+    client = client or trainer_client(backend, namespace)
     name = job_name(work_uri)
     env = {**spec.env, "ZHLLAMA_TRAINJOB": name}
     if backend == "kubernetes":
@@ -161,9 +156,11 @@ def launch(
     log.info("submitting TrainJob %s: %d node(s) x %d process(es), image %s", name, nnodes, spec.nproc_per_node, image)
     client.train(runtime=client.get_runtime(runtime), trainer=trainer, options=options)
     try:
-        job = _follow(client, name, timeout)
+        errors: list[str] = []
+        job = _follow(client, name, timeout, errors)
         if job.status != "Complete":
-            raise RuntimeError(f"TrainJob {name} ended {job.status}: {_failure(client, name)}")
+            cause = f"{errors[0]}\n" if errors else ""
+            raise RuntimeError(f"TrainJob {name} ended {job.status}: {cause}{_failure(client, name)}")
         fetch_started = time.perf_counter()
         durable.get_folder(s3, spec.output, Path(out_dir))
         fetched = time.perf_counter() - fetch_started
@@ -182,14 +179,21 @@ def launch(
     }
 
 
-def _follow(client: Any, name: str, timeout: float):
-    """Node 0's log into this step's log while the job runs; the job once it has ended."""
+# A node's own error line (the CLI's "zhllama STAGE: error: ..." or an exception's last line), not torchrun's wrapper.
+_ERROR_LINE = re.compile(r"^(zhllama [\w-]+: error: .*|(?!.*ChildFailedError)[\w.]*(Error|Exception): .+)$")
+
+
+def _follow(client: Any, name: str, timeout: float, errors: list[str]):
+    """The nodes' logs into this step's log while the job runs (their error lines into
+    ``errors``); the job once it has ended."""
     deadline = time.monotonic() + timeout
     client.wait_for_job_status(name, status={"Running", "Complete", "Failed"}, timeout=int(timeout))
     try:
         for chunk in client.get_job_logs(name, follow=True):
             for line in str(chunk).splitlines():
                 print(f"[{name}] {line}", flush=True)
+                if _ERROR_LINE.match(line.strip()) and line.strip() not in errors:
+                    errors.append(line.strip())
     except Exception as err:  # logs are a convenience; the status decides
         log.warning("TrainJob %s: log stream ended (%s)", name, err)
     while True:
@@ -200,8 +204,22 @@ def _follow(client: Any, name: str, timeout: float):
 
 
 def _failure(client: Any, name: str) -> str:
+    """Why the job failed: its Failed condition's message (a cluster), or each node's exit code
+    and log tail (the SDK's container backend), else its events."""
+    backend = client.backend
+
+    def condition() -> str:
+        from kubeflow.trainer.constants import constants
+
+        job = backend.custom_api.get_namespaced_custom_object(
+            constants.GROUP, constants.VERSION, backend.namespace, constants.TRAINJOB_PLURAL, name
+        )
+        failed = [c for c in job.get("status", {}).get("conditions", []) if c.get("type") == "Failed"]
+        return "; ".join(f"{c.get('reason', '')}: {c.get('message', '')}" for c in failed)
+
     for attempt in (
-        lambda: client.backend._build_failure_message(name),
+        lambda: backend._build_failure_message(name),
+        condition,
         lambda: "; ".join(f"{e.reason}: {e.message}" for e in client.get_job_events(name)),
     ):
         try:
