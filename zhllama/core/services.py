@@ -214,6 +214,7 @@ def _bin(name: str) -> str:
 def start_seaweedfs(settings: Settings, timeout: float = 60) -> None:
     if s3_is_up(settings):
         log.info("object store already answers at %s", settings.s3_endpoint)
+        ensure_buckets(settings)  # one started by older code may lack a bucket added since
         return
     data_dir = settings.state_dir / "seaweedfs"
     data_dir.mkdir(parents=True, exist_ok=True)  # weed refuses to start without it

@@ -250,6 +250,11 @@ def node_main(spec_uri: str) -> int:
     s3 = durable.client()
     spec = JobSpec(**_s3_json(s3, spec_uri))
     work = Path(tempfile.mkdtemp(prefix="zhllama-trainjob-"))
+    if not os.environ.get("MLFLOW_TRACKING_URI"):  # the step had no server either: track where this node can write
+        os.environ["ZHLLAMA_MLRUNS"] = str(work / "mlruns")
+        log.warning(
+            "no MLFLOW_TRACKING_URI on this node: its stage run goes to %s and is lost with it", work / "mlruns"
+        )
     local = {name: work / "inputs" / name for name in spec.inputs}
     for name, uri in spec.inputs.items():
         durable.get_folder(s3, uri, local[name])

@@ -218,6 +218,11 @@ class CheckpointStore:
                 steps = self.steps()
                 break
             except Exception as err:
+                if "NoSuchBucket" in str(err):  # a first run against a fresh store: nothing to resume
+                    self.s3.create_bucket(Bucket=self.bucket)
+                    log.info("created bucket s3://%s for durable checkpoints", self.bucket)
+                    steps = []
+                    break
                 if attempt == attempts - 1:
                     raise InputError(
                         f"{self.uri}: the object store does not answer ({type(err).__name__}: {err}); a retried "
@@ -349,6 +354,22 @@ class CheckpointStore:
         listed = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=self._key(step))
         for obj in listed.get("Contents", []):
             self.s3.delete_object(Bucket=self.bucket, Key=obj["Key"])
+
+    def clear(self) -> int:
+        """Delete everything under this task's prefix (its checkpoints, a TrainJob's staged
+        inputs and output): what a step does once it has succeeded, since KFP never retries a
+        step that succeeded, and its output artifact holds the result. Objects deleted."""
+        paginator = self.s3.get_paginator("list_objects_v2")
+        keys = [
+            obj["Key"]
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/")
+            for obj in page.get("Contents", [])
+        ]
+        for start in range(0, len(keys), 1000):
+            self.s3.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[start : start + 1000]], "Quiet": True}
+            )
+        return len(keys)
 
     def close(self, timeout: float = 300.0) -> bool:
         """Wait (at most ``timeout``) for the last checkpoint handed over to be stored; True when

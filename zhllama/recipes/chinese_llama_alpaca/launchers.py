@@ -237,8 +237,8 @@ def _train(
     durable_uri = how.durable_uri()
     flags = ["--durable_checkpoints", durable_uri] if durable_uri else []
     if how.train_launcher == "trainjob":
-        return _trainjob(subcommand, argv + flags, inputs, out_dir, how, durable_uri, mlflow_experiment)
-    if how.nproc_per_node * how.nnodes > 1:
+        result = _trainjob(subcommand, argv + flags, inputs, out_dir, how, durable_uri, mlflow_experiment)
+    elif how.nproc_per_node * how.nnodes > 1:
         filled = [_fill(a, inputs, out_dir) for a in argv]
         launch.torchrun(
             "zhllama.cli",
@@ -246,8 +246,21 @@ def _train(
             how.nproc_per_node,
             how.nnodes,
         )
-        return read_json(Path(out_dir) / "metrics.json")
-    return in_process(durable_uri)
+        result = read_json(Path(out_dir) / "metrics.json")
+    else:
+        result = in_process(durable_uri)
+    if durable_uri:  # done: no retry will need them, and the output artifact holds the result
+        _clear_durable(durable_uri)
+    return result
+
+
+def _clear_durable(durable_uri: str) -> None:
+    from zhllama.core.training.durable import CheckpointStore
+
+    try:
+        log.info("step done: %d objects under %s deleted", CheckpointStore(durable_uri).clear(), durable_uri)
+    except Exception as err:  # the result stands; the store's own lifecycle rules can collect them
+        log.warning("step done, but its durable checkpoints under %s were not deleted: %s", durable_uri, err)
 
 
 def _fill(arg: str, inputs: dict[str, str], out_dir: str) -> str:
