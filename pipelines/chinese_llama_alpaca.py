@@ -54,7 +54,7 @@ TRAIN_STEP = {
 MERGE_STEP = {"cpu": "4", "memory": "48G"}  # default merge peaks ~2.1x the model's size; merge_low_memory ~1.1x
 LAUNCH_STEP = {"cpu": "1", "memory": "4G"}  # train_launcher=trainjob: the step only stages data and follows the job
 # A preempted or killed training pod: KFP runs the step again, and it resumes from its durable checkpoint.
-TRAIN_RETRY = {"num_retries": 3, "backoff_duration": "15s", "backoff_factor": 2.0, "backoff_max_duration": "600s"}
+TRAIN_RETRY = {"num_retries": 3, "backoff_duration": "10s", "backoff_factor": 2.0, "backoff_max_duration": "600s"}
 
 
 def _cluster_settings(

@@ -5,6 +5,7 @@ written counts, and a resume takes the last whole checkpoint."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -20,22 +21,25 @@ from zhllama.core.training import durable
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 
-@pytest.fixture()
-def store(tmp_path, monkeypatch):
-    """An S3-only SeaweedFS on free ports (stopped and started by the test), and the standard
-    AWS environment pointing at it, as a pipeline step has."""
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """An S3-only SeaweedFS on free ports for this module (the first test stops and starts it),
+    and the standard AWS environment pointing at it, as a pipeline step has."""
     ports = {name: str(svc.free_service_port()) for name in svc.PORT_VARIABLES}
-    for name, value in {**ports, "ZHLLAMA_STATE_DIR": str(tmp_path / "state")}.items():
-        monkeypatch.setenv(name, value)
+    values = {**ports, "ZHLLAMA_STATE_DIR": str(tmp_path_factory.mktemp("store") / "state")}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     settings = Settings()
     settings.state_dir.mkdir(parents=True)
-    for name, value in settings.s3_env().items():
-        monkeypatch.setenv(name, value)
+    saved |= {k: os.environ.get(k) for k in settings.s3_env()}
+    os.environ.update(settings.s3_env())
     svc.start_seaweedfs(settings)
     try:
         yield settings
     finally:
         svc.stop("seaweedfs", settings)
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 def _pretrain(tmp_path: Path, fx, out: Path, uri: str, on_log=None, max_steps: int = 8):
@@ -142,3 +146,27 @@ def test_resume_from_the_store_mid_run_equals_an_uninterrupted_run(
     for name in a:
         assert (a[name] - b[name]).abs().max() <= 1e-6, name
     print(f"resume from the store and 3 more steps: {time.perf_counter() - started:.1f} s")
+
+
+def test_sft_resumes_from_the_store_and_equals_an_uninterrupted_run(
+    tmp_path: Path, store: Settings, pt_merged: Path, tiny_sft_data
+) -> None:
+    """SFT goes through the same loop: a second pod resumes it from the store alone."""
+    from zhllama.recipes.chinese_llama_alpaca.sft import run_sft
+
+    cfg = tiny_config(
+        "sft", max_steps=6, save_steps=2, save_total_limit=2, max_seq_length=96, eval_steps=0, lora_dropout=0.05
+    )
+    uri = durable.resolve_uri(f"s3://{store.checkpoint_bucket}/test", "run-3", "sft")
+
+    def sft(out: str, durable_uri: str = "", stop: int | None = None) -> dict:
+        return run_sft(
+            pt_merged, tiny_sft_data["train"], None, tmp_path / out, cfg, stop_after_steps=stop, durable_uri=durable_uri
+        )
+
+    sft("whole")
+    sft("first-pod", uri, stop=4)
+    assert sft("second-pod", uri)["resumed_from_step"] == 4
+    a = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "second-pod" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)

@@ -210,7 +210,7 @@ def test_training_steps_retry_and_key_their_checkpoints_by_run_and_task(launcher
     tasks = _training_tasks(spec)
     assert len(tasks) >= 5, sorted(tasks)  # stage 1, stage 2 in both branches, the ablation, sft
     for name, task in tasks.items():
-        assert task["retryPolicy"]["maxRetryCount"] == 3 and task["retryPolicy"]["backoffDuration"] == "15s", name
+        assert task["retryPolicy"]["maxRetryCount"] == 3 and task["retryPolicy"]["backoffDuration"] == "10s", name
         params = task["inputs"]["parameters"]
         assert params["checkpoint_run"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}", name
         assert params["checkpoint_task"]["runtimeValue"]["constant"] == "{{$.pipeline_task_name}}", name

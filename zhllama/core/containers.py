@@ -526,8 +526,9 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-# An image line of a compiled pipeline that names a zhllama image: indent, repository, tag.
-_IMAGE_LINE = re.compile(r"^(\s*image: )(\S+/zhllama-(?:cpu|cuda)):(\S+)$", re.MULTILINE)
+# A line of a compiled pipeline that names a zhllama image: indent, repository, tag. A step's
+# image, or a constant argument naming one (trainjob_image: the image a training step's TrainJob runs).
+_IMAGE_LINE = re.compile(r"^(\s*(?:image|constant): )(\S+/zhllama-(?:cpu|cuda)):(\S+)$", re.MULTILINE)
 
 
 def images_in(compiled: str) -> list[str]:
