@@ -259,7 +259,7 @@ def node_main(spec_uri: str) -> int:
     for name, uri in spec.inputs.items():
         durable.get_folder(s3, uri, local[name])
     out = work / "out"
-    argv = [_fill(a, local, out) for a in spec.argv]
+    argv = [fill(a, local, out) for a in spec.argv]
     node_rank = int(os.environ.get("PET_NODE_RANK", os.environ.get("GROUP_RANK", "0")))
     if "RANK" in os.environ:  # already a torchrun worker (the SDK's container backend starts one per node)
         from zhllama.cli import main
@@ -290,7 +290,8 @@ def node_main(spec_uri: str) -> int:
     return code
 
 
-def _fill(arg: str, inputs: dict[str, Path], out: Path) -> str:
+def fill(arg: str, inputs: dict[str, str | os.PathLike[str]], out: str | os.PathLike[str]) -> str:
+    """One argument of a JobSpec's argv with ``{input:NAME}`` and ``{output}`` replaced by local folders."""
     for name, path in inputs.items():
         arg = arg.replace(f"{{input:{name}}}", str(path))
     return arg.replace("{output}", str(out))

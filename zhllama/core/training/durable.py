@@ -15,7 +15,6 @@ pod, a killed container) resumes where the last one got to, on another node with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zhllama.core.io import InputError, atomic_dir
+from zhllama.core.io import InputError, atomic_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +84,6 @@ def client(timeout: float = 10.0):
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _step_of(name: str) -> int:
     return int(name[len(PREFIX) :]) if name.startswith(PREFIX) and name[len(PREFIX) :].isdigit() else -1
 
@@ -106,7 +97,7 @@ def put_folder(s3: Any, bucket: str, prefix: str, folder: Path, skip: tuple[str,
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.relative_to(folder).parts[0] not in skip
     }
-    manifest = {"files": {name: {"size": p.stat().st_size, "sha256": _sha256(p)} for name, p in files.items()}}
+    manifest = {"files": {name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for name, p in files.items()}}
     s3.delete_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")
     for name, path in files.items():
         s3.upload_file(str(path), bucket, f"{prefix}/{name}")
@@ -143,7 +134,7 @@ def get_folder(s3: Any, uri: str, target: Path) -> dict[str, Any]:
         for name, meta in manifest["files"].items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(bucket, f"{prefix}/{name}", str(tmp / name))
-            if _sha256(tmp / name) != meta["sha256"]:
+            if sha256_file(tmp / name) != meta["sha256"]:
                 raise InputError(f"{uri}/{name}: sha256 differs from the manifest")
     return manifest
 

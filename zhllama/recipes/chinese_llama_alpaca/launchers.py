@@ -239,7 +239,9 @@ def _train(
     if how.train_launcher == "trainjob":
         result = _trainjob(subcommand, argv + flags, inputs, out_dir, how, durable_uri, mlflow_experiment)
     elif how.nproc_per_node * how.nnodes > 1:
-        filled = [_fill(a, inputs, out_dir) for a in argv]
+        from zhllama.core.trainjob import fill
+
+        filled = [fill(a, inputs, out_dir) for a in argv]
         launch.torchrun(
             "zhllama.cli",
             [*_tracking_flags(mlflow_experiment), subcommand, *filled, *flags],
@@ -261,12 +263,6 @@ def _clear_durable(durable_uri: str) -> None:
         log.info("step done: %d objects under %s deleted", CheckpointStore(durable_uri).clear(), durable_uri)
     except Exception as err:  # the result stands; the store's own lifecycle rules can collect them
         log.warning("step done, but its durable checkpoints under %s were not deleted: %s", durable_uri, err)
-
-
-def _fill(arg: str, inputs: dict[str, str], out_dir: str) -> str:
-    for name, path in inputs.items():
-        arg = arg.replace(f"{{input:{name}}}", path)
-    return arg.replace("{output}", out_dir)
 
 
 def _trainjob(
