@@ -37,8 +37,10 @@ def test_isa_switch_holds_every_library_to_avx2() -> None:
     env = {**os.environ, **ISA_ENV["avx2"], "MKL_VERBOSE": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert done.stdout.strip().splitlines()[-1] == "AVX2"
+    # MKL's header names the code path on Intel ("... Intel(R) AVX2 enabled processors") and
+    # none on AMD ("... Intel(R) Architecture processors"): either way never AVX-512.
     mkl = [line for line in done.stdout.splitlines() if line.startswith("MKL_VERBOSE oneMKL")]
-    assert not mkl or "AVX2" in mkl[0] and "AVX-512" not in mkl[0], mkl
+    assert not mkl or "AVX-512" not in mkl[0] and ("Vector Extensions" not in mkl[0] or "AVX2" in mkl[0]), mkl
 
 
 def test_scaled_corpora_are_deterministic_copies(tmp_path) -> None:
