@@ -159,7 +159,22 @@ def bench_training(ws: Workspace, repeats: int, steps: dict[str, int], bf16_repe
                     label = f"{stage}-{name.replace(' ', '-')}-{r}"
                     runs[name].append(child([*VARIANTS[name], *stage_args(ws, stage, steps[stage])], ws.root, label))
         out[stage] = {"steps": steps[stage], "repeats": repeats, "runs": runs, "median": summarize(runs)}
+    out["pt"]["roofline"] = pt_roofline(ws, out["pt"]["median"])
     return out
+
+
+def pt_roofline(ws: Workspace, median_runs: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The fp32 PT runs against this machine's matmul limit at the default model's shapes."""
+    from benchmarks.roofline import roofline
+    from benchmarks.train_one import PRESET
+    from zhllama.recipes.chinese_llama_alpaca.stages import RECIPE
+
+    cfg = RECIPE.stage_config("pretrain", PRESET, {})
+    config = json.loads((ws.base / "config.json").read_text(encoding="utf-8"))
+    fp32 = {name: m["useful_tokens_per_second"] for name, m in median_runs.items() if "bf16" not in name}
+    return roofline(
+        config, ws.vocab_metrics["merged_vocab_size"], cfg.block_size, cfg.per_device_train_batch_size, fp32
+    )
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
@@ -467,6 +482,10 @@ def render(results: dict[str, Any]) -> str:
                     rows,
                 )
             )
+            if "roofline" in t:
+                from benchmarks.roofline import render_roofline
+
+                parts.append(render_roofline(t["roofline"]))
     if "ablations" in results:
         rows = [
             [

@@ -11,12 +11,12 @@ import json
 import logging
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.roofline import matmul_limit, train_flops_per_token
 from zhllama.core.settings import PROJECT_ROOT
 
 log = logging.getLogger("zhllama.bench")
@@ -41,47 +41,6 @@ def prepare_smollm2(root: Path, data: Path) -> tuple[Path, Path]:
             base_tokenizer=base,
         )
     return base, vocab / "tokenizer"
-
-
-def matmul_limit(config: dict[str, Any], vocab: int, tokens: int = BLOCK * BATCH, repeats: int = 5) -> dict[str, Any]:
-    """fp32 GEMM throughput at the model's shapes (one layer's seven projections and the output
-    layer, for ``tokens`` rows), weighted as one forward pass weighs them."""
-    d, ff = config["hidden_size"], config["intermediate_size"]
-    kv = config["num_key_value_heads"] * config.get("head_dim", d // config["num_attention_heads"])
-    layers = config["num_hidden_layers"]
-    shapes = {"q/o": (d, d, 2), "k/v": (d, kv, 2), "gate/up": (d, ff, 2), "down": (ff, d, 1)}
-    rows, flops, seconds = [], 0.0, 0.0
-    for name, (k, n, count) in [*shapes.items(), ("lm_head", (d, vocab, 1 / layers))]:
-        a, b = torch.randn(tokens, k), torch.randn(k, n)
-        torch.mm(a, b)
-        best = min(_timed(lambda a=a, b=b: torch.mm(a, b)) for _ in range(repeats))
-        f = 2 * tokens * k * n
-        rows.append({"shape": f"{tokens}x{k} @ {k}x{n}", "what": name, "gflops": f / best / 1e9})
-        flops += f * count * layers
-        seconds += best * count * layers
-    return {"tokens": tokens, "shapes": rows, "weighted_gflops": flops / seconds / 1e9}
-
-
-def _timed(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
-def train_flops_per_token(config: dict[str, Any], vocab: int) -> float:
-    """Matmul FLOPs per token of a LoRA PT step with the output layer trained: forward
-    2(N + Vd), input gradients through every layer 2(N + Vd), the output layer's weight
-    gradient 2Vd (LoRA's own are negligible, the frozen weights get none); attention's
-    score and value products added at the block length."""
-    d, ff = config["hidden_size"], config["intermediate_size"]
-    kv = config["num_key_value_heads"] * config.get("head_dim", d // config["num_attention_heads"])
-    layers = config["num_hidden_layers"]
-    per_layer = 2 * d * d + 2 * d * kv + 3 * d * ff
-    n, vd = layers * per_layer, vocab * d
-    attention = (
-        layers * 2 * 2 * BLOCK * d
-    )  # QK^T and AV, averaged over positions (causal: half of 2*2*T*d... kept whole)
-    return 2 * (n + vd) + 2 * (n + vd) + 2 * vd + 3 * attention
 
 
 def merge_peak(base: Path, adapter_run: Path, out: Path) -> dict[str, Any]:
@@ -153,8 +112,8 @@ def bench_smollm2(ws, child, steps: int, repeats: int = 1) -> dict[str, Any]:
     for r in range(repeats):
         for name in ("zhllama", "recipe") if r % 2 == 0 else ("recipe", "zhllama"):
             runs[name].append(child(["--impl", name, *common], ws.root, f"smollm2-pt-{name}-{r}"))
-    limit = matmul_limit(config, vocab)
-    per_token = train_flops_per_token(config, vocab)
+    limit = matmul_limit(config, vocab, BLOCK * BATCH)
+    per_token = train_flops_per_token(config, vocab, BLOCK)
     summary = {}
     for name, rows in runs.items():
         tps = sorted(r["useful_tokens_per_second"] for r in rows)[len(rows) // 2]
@@ -172,6 +131,7 @@ def bench_smollm2(ws, child, steps: int, repeats: int = 1) -> dict[str, Any]:
         summary[name]["speedup"] = (
             summary[name]["useful_tokens_per_second"] / summary["recipe"]["useful_tokens_per_second"]
         )
+    ceiling = limit["weighted_gflops"] * 1e9 / per_token
     merge = merge_peak(base, ws.root / "runs" / "smollm2-pt-zhllama-0", root / "merged")
     return {
         "steps": steps,
@@ -182,6 +142,8 @@ def bench_smollm2(ws, child, steps: int, repeats: int = 1) -> dict[str, Any]:
         "summary": summary,
         "matmul": limit,
         "train_gflop_per_token": per_token / 1e9,
+        "ceiling_tokens_per_second": ceiling,
+        "ceiling_over_recipe": ceiling / summary["recipe"]["useful_tokens_per_second"],
         "merge": merge,
         "profile": profile_step(base, tokenizer),
     }
@@ -227,8 +189,14 @@ def render_smollm2(s: dict[str, Any], table) -> str:
         f"\n\nfp32 matmul at the model's shapes ({m['tokens']} rows): "
         + ", ".join(f"{r['what']} {r['gflops']:.0f}" for r in m["shapes"])
         + f" GFLOP/s; weighted as a forward pass: **{m['weighted_gflops']:.0f} GFLOP/s**. A PT step costs "
-        f"{s['train_gflop_per_token']:.2f} GFLOP a token (forward, input gradients, the output layer's weight gradient).\n"
+        f"{s['train_gflop_per_token']:.2f} GFLOP a token (forward, input gradients, the output layer's weight gradient)"
     )
+    if "ceiling_over_recipe" in s:
+        text += (
+            f": a step of nothing but matmuls at that rate would run {s['ceiling_tokens_per_second']:.0f} tokens/s = "
+            f"**{s['ceiling_over_recipe']:.2f}x the recipe**, the most any fp32 implementation of this arithmetic shows here"
+        )
+    text += ".\n"
     g = s["merge"]
     text += (
         f"\nMerge (default mode) of the PT adapter: {g['seconds']:.0f} s, peak RSS {g['peak_rss_mb']:.0f} MB = "

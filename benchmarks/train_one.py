@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.ablate == "full_logits":
         import zhllama.core.training.loss
 
-        zhllama.core.training.loss._plain_output_head = lambda model: None
+        zhllama.core.training.loss.plain_output_head = lambda model: None
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     torch.manual_seed(0)
     result = (run_pt if args.stage == "pt" else run_sft)(args.impl, args, overrides)

@@ -59,3 +59,20 @@ def test_scaled_corpora_are_deterministic_copies(tmp_path) -> None:
     novel = len(SHARED_NOVEL.read_text(encoding="utf-8").splitlines()) if SHARED_NOVEL.is_file() else 0
     assert len(lines) == 500 + novel and lines[:50] == default.read_text(encoding="utf-8").splitlines()
     assert lines[50:100] != lines[:50] and sorted(lines[50:100]) == sorted(lines[:50])
+
+
+def test_roofline_counts_the_default_models_arithmetic() -> None:
+    """The PT step's matmul FLOPs a token for the tiny default (hidden 256, 4 layers, MLP 688,
+    merged vocabulary 51,357, block 512): the output layer's three products are 6·V·h of it, and
+    the ceiling over the recipe is the limit's tokens/s over the recipe's."""
+    from benchmarks.roofline import render_roofline, roofline, train_flops_per_token
+
+    config = {"hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 4, "num_hidden_layers": 4}
+    per_token = train_flops_per_token(config, 51357, 512)
+    assert per_token == 97_824_256
+    assert 6 * 51357 * 256 / per_token > 0.8  # the output layer is over 80% of the work
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2}
+    r = roofline(small, 100, 16, 2, {"zhllama": 1000.0, "recipe": 500.0})
+    assert r["ceiling_over_recipe"] == r["ceiling_tokens_per_second"] / 500.0
+    assert r["runs"]["zhllama"]["share"] == 2 * r["runs"]["recipe"]["share"] > 0
+    assert "x the recipe" in render_roofline(r)

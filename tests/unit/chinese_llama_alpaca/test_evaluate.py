@@ -41,18 +41,26 @@ def test_bits_per_char_do_not_depend_on_batching(pt_merged: Path, small_corpus) 
     assert one["bits_per_byte"] * one["bytes"] == pytest.approx(one["bits_per_char"] * one["chars"], rel=1e-9)
 
 
-def test_sequence_logprobs_equal_the_training_loss(pt_merged: Path) -> None:
+def test_sequence_logprobs_equal_the_training_loss(pt_merged: Path, monkeypatch) -> None:
+    """The output layer on the label positions alone gives what the full logits give (and the
+    training loss), padded rows of different lengths in one batch included."""
+    from zhllama.recipes.chinese_llama_alpaca import scoring
+
     model, tok = load_model(pt_merged), load_tokenizer(pt_merged)
     rows = [
         tokenize_example(tok, {"instruction": "判断情感", "input": text, "output": out}, 128)
-        for text, out in (("很好", "正面"), ("太差了，不会再买", "负面"))
+        for text, out in (("很好", "正面"), ("太差了，不会再买", "负面"), ("一般般吧，物流还行，包装有点破", "负面"))
     ]
-    scores = sequence_logprobs(model, rows, 0, batch_size=2)
+    scores = sequence_logprobs(model, rows, 0, batch_size=3)
     for (ids, labels), (logp, count) in zip(rows, scores, strict=True):
         with torch.no_grad():
             loss, n = token_loss_sum(model, {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])})
         assert n == count
         assert logp == pytest.approx(-loss.item(), rel=1e-4)
+    monkeypatch.setattr(scoring, "plain_output_head", lambda model: None)  # the generic path, full logits
+    full = sequence_logprobs(model, rows, 0, batch_size=3)
+    for (logp, count), (ref, ref_count) in zip(scores, full, strict=True):
+        assert count == ref_count and logp == pytest.approx(ref, rel=1e-5, abs=1e-5)
 
 
 def test_task_metrics_rank_the_options(tiny_final: Path, tiny_sft_data, tmp_path: Path) -> None:

@@ -170,3 +170,80 @@ def test_modules_to_save_get_their_own_learning_rate() -> None:
     assert by_lr[1e-4] == 2 * 64 * 16  # embed_tokens and lm_head, in full
     assert by_lr[1e-3] == sum(p.numel() for p in model.parameters() if p.requires_grad) - 2 * 64 * 16
     assert {g["lr"] for g in build_optimizer(model, tiny_config("sft", learning_rate=1e-3)).param_groups} == {1e-3}
+
+
+def _prefixed_batch(prefix: int = 20):
+    """SFT-shaped rows: one common prompt prefix, then each row's own text, its masked part and
+    a short target, right-padded to different lengths."""
+    gen = torch.Generator().manual_seed(2)
+    common = torch.randint(3, 300, (prefix,), generator=gen)
+    rows = []
+    for length in (9, 14, 6, 11):
+        own = torch.randint(3, 300, (length,), generator=gen)
+        ids = torch.cat([common, own]).tolist()
+        labels = [IGNORE_INDEX] * (len(ids) - 3) + ids[-3:]
+        rows.append((ids, labels))
+    from zhllama.core.training.loss import pad_rows
+
+    return pad_rows(rows, 0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_shared_prefix_gives_the_loss_and_gradients_of_every_row_computed_whole(tied: bool) -> None:
+    """SFT rows share the template and instruction: computed once (share_prefix) the loss and
+    every gradient equal those of each row computed whole (dropout off, where they are exact)."""
+    from zhllama.core.training.loss import shared_prefix_length
+
+    model = apply_lora(_tiny(tied=tied), PretrainConfig(lora_dropout=0.0))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    batch = _prefixed_batch()
+    assert shared_prefix_length(batch["input_ids"], batch["labels"][:, 1:] != IGNORE_INDEX) == 20
+    whole_loss, whole = _grads(model, lambda: CausalLMLoss(model, share_prefix=False)(**batch)[0])
+    shared_loss, shared = _grads(model, lambda: CausalLMLoss(model, share_prefix=True)(**batch)[0])
+    assert shared_loss == pytest.approx(whole_loss, rel=1e-6)
+    assert set(shared) == set(whole) and len(whole) > 0
+    for name in whole:
+        torch.testing.assert_close(shared[name], whole[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_shared_prefix_stops_before_any_target_and_needs_rows_in_common() -> None:
+    from zhllama.core.training.loss import MIN_SHARED_PREFIX, shared_prefix_length
+
+    batch = _prefixed_batch(prefix=30)
+    ids, select = batch["input_ids"], batch["labels"][:, 1:] != IGNORE_INDEX
+    assert shared_prefix_length(ids, select) == 30
+    early = select.clone()
+    early[1, 24] = True  # a target predicted from inside the common part: the prefix ends there
+    assert shared_prefix_length(ids, early) == 24
+    assert shared_prefix_length(ids[:1], select[:1]) == 0  # one row: nothing to share
+    short = _prefixed_batch(prefix=MIN_SHARED_PREFIX - 1)
+    assert shared_prefix_length(short["input_ids"], short["labels"][:, 1:] != IGNORE_INDEX) == 0
+    blocks = torch.randint(0, 300, (4, 64), generator=torch.Generator().manual_seed(3))  # PT blocks
+    assert shared_prefix_length(blocks, torch.ones(4, 63, dtype=torch.bool)) == 0
+
+
+def test_fast_dropout_has_dropouts_distribution_and_gradient() -> None:
+    """FastDropout keeps each element with probability 1 - p, scales by 1 / (1 - p), passes the
+    gradient through the same mask, is the identity in eval mode, and follows torch's seed."""
+    from zhllama.core.training.dropout import FastDropout, use_fast_lora_dropout
+
+    layer = FastDropout(0.05)
+    x = torch.ones(1000, 500, requires_grad=True)
+    torch.manual_seed(0)
+    y = layer(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.95) < 0.002  # 500K draws: 6 standard errors is ~0.0018
+    assert torch.equal(y[kept], torch.full_like(y[kept], 1 / 0.95))
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept) and torch.allclose(x.grad[kept], torch.tensor(1 / 0.95))
+    torch.manual_seed(0)
+    assert torch.equal(layer(x.detach()), y.detach())  # the same seed, the same mask
+    assert not torch.equal(layer(x.detach()), y.detach())  # and a fresh one next call
+    layer.eval()
+    assert torch.equal(layer(x.detach()), x.detach())
+    model = apply_lora(_tiny(), PretrainConfig(lora_dropout=0.05))  # apply_lora swaps them in
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p == 0.05]
+    assert dropouts and all(type(m) is FastDropout for m in dropouts)
+    assert use_fast_lora_dropout(model) == 0  # nothing left to swap

@@ -93,7 +93,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         )
 
 
-def _plain_output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+def plain_output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The output projection when the loss may bypass the model's own logits: a bias-free
     linear head over a ``get_decoder()`` (LLaMA-family). Else None (the generic path)."""
     if not hasattr(model, "get_decoder") or not hasattr(model, "get_output_embeddings"):
@@ -109,6 +109,24 @@ def _plain_output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     return head
 
 
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix_length(input_ids: torch.Tensor, select: torch.Tensor) -> int:
+    """How many leading positions every row shares and no row predicts a target from (0 when
+    under MIN_SHARED_PREFIX, or one row): those positions' hidden states are the same for every
+    row, so they can be computed once. ``select`` marks the targeted positions ([rows, length - 1])."""
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(dim=0)
+    length = int(same.long().cumprod(0).sum())
+    targeted = select.any(dim=0).nonzero()
+    if len(targeted):
+        length = min(length, int(targeted[0]))
+    length = min(length, input_ids.shape[1] - 1)  # at least one position per row after it
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
 class CausalLMLoss(torch.nn.Module):
     """Sum of next-token cross-entropy over target tokens, and their count.
 
@@ -117,10 +135,11 @@ class CausalLMLoss(torch.nn.Module):
     the compute nor the memory of the [batch, seq, vocab] logits is spent. Other models take
     the generic path through their logits. A module, so DistributedDataParallel can wrap it."""
 
-    def __init__(self, model: torch.nn.Module, chunk_rows: int = 1024) -> None:
+    def __init__(self, model: torch.nn.Module, chunk_rows: int = 1024, share_prefix: bool = True) -> None:
         super().__init__()
         self.model = model
         self.chunk_rows = chunk_rows
+        self.share_prefix = share_prefix
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -128,7 +147,7 @@ class CausalLMLoss(torch.nn.Module):
         targets = labels[:, 1:]
         select = targets != IGNORE_INDEX
         count = select.sum()
-        head = _plain_output_head(self.model)
+        head = plain_output_head(self.model)
         if head is None:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
             shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # no copy of the logits
@@ -136,10 +155,21 @@ class CausalLMLoss(torch.nn.Module):
                 logits.view(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
             )
             return loss, count
-        hidden = self.model.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
-        rows = hidden[:, :-1][select]
+        decoder = self.model.get_decoder()
+        start = shared_prefix_length(input_ids, select) if self.share_prefix else 0
+        if start:
+            # The rows' common, untargeted prefix (SFT: the template and the instruction) runs once;
+            # its keys and values serve every row (autograd sums the rows' gradients back into it).
+            cache = decoder(input_ids=input_ids[:1, :start], use_cache=True).past_key_values
+            cache.batch_repeat_interleave(input_ids.shape[0])
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            hidden = decoder(
+                input_ids=input_ids[:, start:], attention_mask=mask, past_key_values=cache, use_cache=True
+            ).last_hidden_state
+            rows = hidden[:, :-1][select[:, start:]]
+        else:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            rows = hidden[:, :-1][select]
         return _LinearCrossEntropy.apply(
             rows, head.weight, targets[select], self.chunk_rows, torch.is_grad_enabled()
         ), count

@@ -17,6 +17,7 @@ import torch
 
 from zhllama.core.io import InputError, atomic_dir, sha256_file, write_json
 from zhllama.core.token_shards import TokenBlocks, check_shards, read_shard_dirs, shard_corpus
+from zhllama.core.training.dropout import use_fast_lora_dropout
 from zhllama.core.training.loop import Dist, init_distributed, train
 from zhllama.recipes.chinese_llama_alpaca import modeling
 from zhllama.recipes.chinese_llama_alpaca.configs import PretrainConfig, TrainArgs
@@ -156,7 +157,9 @@ def apply_lora(model, cfg: TrainArgs):
     tied = ties_embeddings(model)
     if tied and cfg.tied_embeddings == "untie" and {"embed_tokens", "lm_head"} <= set(cfg.modules_to_save):
         log.info("tied embeddings: training separate embed_tokens and lm_head copies (tied_embeddings=untie)")
-    return get_peft_model(model, lora_config(cfg, tied=tied))
+    model = get_peft_model(model, lora_config(cfg, tied=tied))
+    use_fast_lora_dropout(model)
+    return model
 
 
 def freeze_all_but_embeddings(model, new_rows_from: int | None = None) -> list[str]:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from zhllama.core.io import InputError
-from zhllama.core.training.loss import IGNORE_INDEX, pad_rows
+from zhllama.core.training.loss import IGNORE_INDEX, pad_rows, plain_output_head
 from zhllama.recipes.chinese_llama_alpaca.sft import tokenize_example
 
 MAX_INFERRED_OPTIONS = 20
@@ -47,22 +47,33 @@ def answer_options(
 def sequence_logprobs(
     model, rows: list[tuple[list[int], list[int]]], pad: int, batch_size: int
 ) -> list[tuple[float, int]]:
-    """Sum of log p(label tokens) and their count, per row."""
+    """Sum of log p(label tokens) and their count, per row. For LLaMA-family models the output
+    layer runs only where a label is (a closed answer is a few tokens after a long prompt, so
+    the [batch, length, vocab] logits would be almost all waste); others go through their logits."""
     model.eval()
+    head = plain_output_head(model)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     for k in range(0, len(order), batch_size):
         idx = order[k : k + batch_size]
         batch = pad_rows([rows[i] for i in idx], pad)
-        logits = (
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-            .logits[:, :-1]
-            .float()
-        )
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE_INDEX
-        picked = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        sums = (picked * mask).sum(dim=1)
+        if head is None:
+            logits = (
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                .logits[:, :-1]
+                .float()
+            )
+            picked = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            sums = (picked * mask).sum(dim=1)
+        else:
+            hidden = model.get_decoder()(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).last_hidden_state[:, :-1]
+            logits = head(hidden[mask]).float()
+            picked = torch.log_softmax(logits, dim=-1).gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
+            sums = torch.zeros(len(idx), dtype=picked.dtype).index_add_(0, mask.nonzero()[:, 0], picked)
         for j, i in enumerate(idx):
             out[i] = (float(sums[j]), int(mask[j].sum()))
     return out
