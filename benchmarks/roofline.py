@@ -28,25 +28,40 @@ def _dims(config: Mapping[str, Any]) -> tuple[int, int, int, int]:
 
 
 def matmul_limit(config: Mapping[str, Any], vocab: int, tokens: int, repeats: int = 5) -> dict[str, Any]:
-    """fp32 GEMM throughput at the model's shapes (one layer's seven projections and the output
-    layer, for ``tokens`` rows), weighted as one forward pass weighs them; and a square 2048
-    GEMM, the machine's own best case."""
+    """fp32 GEMM throughput at the shapes a LoRA PT step multiplies, weighted as the step weighs
+    them: each layer projection's forward and input-gradient products for ``tokens`` rows, and
+    the output layer's three (forward, input gradient, weight gradient) in the loss's row chunks
+    (``CHUNK_ROWS``, as ``CausalLMLoss`` runs them); and a square 2048 GEMM, the machine's own
+    best case."""
+    from zhllama.core.training.loss import CHUNK_ROWS
+
     d, ff, kv, layers = _dims(config)
-    shapes = {"q/o": (d, d, 2), "k/v": (d, kv, 2), "gate/up": (d, ff, 2), "down": (ff, d, 1)}
+    chunk = min(CHUNK_ROWS, tokens)
+    # (what, [(m, k, n), ...] products, times a step) with a weight-free LoRA layer's two products
+    layer_products = {"q/o": (d, d, 2), "k/v": (d, kv, 2), "gate/up": (d, ff, 2), "down": (ff, d, 1)}
+    plans = [(name, [(tokens, k, n), (tokens, n, k)], count * layers) for name, (k, n, count) in layer_products.items()]
+    plans.append(("lm_head", [(chunk, d, vocab), (chunk, vocab, d), (vocab, chunk, d)], tokens / chunk))
     rows, flops, seconds = [], 0.0, 0.0
-    for name, (k, n, count) in [*shapes.items(), ("lm_head", (d, vocab, 1 / layers))]:
-        a, b = torch.randn(tokens, k), torch.randn(k, n)
-        torch.mm(a, b)
-        best = min(_timed(lambda a=a, b=b: torch.mm(a, b)) for _ in range(repeats))
-        f = 2 * tokens * k * n
-        rows.append({"shape": f"{tokens}x{k} @ {k}x{n}", "what": name, "gflops": f / best / 1e9})
-        flops += f * count * layers
-        seconds += best * count * layers
+    for name, products, times in plans:
+        pairs = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in products]
+
+        def step(pairs=pairs) -> None:
+            for a, b in pairs:
+                torch.mm(a, b)
+
+        step()
+        best = min(_timed(step) for _ in range(repeats))
+        f = sum(2 * m * k * n for m, k, n in products)
+        shapes = " + ".join(f"{m}x{k}@{k}x{n}" for m, k, n in products)
+        rows.append({"shape": shapes, "what": name, "gflops": f / best / 1e9})
+        flops += f * times
+        seconds += best * times
     square = torch.randn(2048, 2048)
     torch.mm(square, square)
     best = min(_timed(lambda: torch.mm(square, square)) for _ in range(repeats))
     return {
         "tokens": tokens,
+        "chunk_rows": chunk,
         "shapes": rows,
         "weighted_gflops": flops / seconds / 1e9,
         "square_2048_gflops": 2 * 2048**3 / best / 1e9,
@@ -95,7 +110,8 @@ def render_roofline(r: Mapping[str, Any]) -> str:
     text = (
         f"fp32 matmul here at the model's shapes ({m['tokens']} rows): "
         + ", ".join(f"{s['what']} {s['gflops']:.0f}" for s in m["shapes"])
-        + f" GFLOP/s; weighted as a forward pass **{m['weighted_gflops']:.0f} GFLOP/s** (a square 2048 GEMM: "
+        + f" GFLOP/s (the output layer's three products in chunks of {m.get('chunk_rows', m['tokens'])} rows); "
+        f"weighted as a step weighs them **{m['weighted_gflops']:.0f} GFLOP/s** (a square 2048 GEMM: "
         f"{m['square_2048_gflops']:.0f}). A PT step needs {r['gflop_per_token']:.3f} GFLOP of matmuls a token, so a "
         f"step that did nothing else would run **{r['ceiling_tokens_per_second']:,.0f} tokens/s**"
     )

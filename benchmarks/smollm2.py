@@ -188,7 +188,7 @@ def render_smollm2(s: dict[str, Any], table) -> str:
     text += (
         f"\n\nfp32 matmul at the model's shapes ({m['tokens']} rows): "
         + ", ".join(f"{r['what']} {r['gflops']:.0f}" for r in m["shapes"])
-        + f" GFLOP/s; weighted as a forward pass: **{m['weighted_gflops']:.0f} GFLOP/s**. A PT step costs "
+        + f" GFLOP/s; weighted as a step weighs them: **{m['weighted_gflops']:.0f} GFLOP/s**. A PT step costs "
         f"{s['train_gflop_per_token']:.2f} GFLOP a token (forward, input gradients, the output layer's weight gradient)"
     )
     if "ceiling_over_recipe" in s:

@@ -76,3 +76,16 @@ def test_roofline_counts_the_default_models_arithmetic() -> None:
     assert r["ceiling_over_recipe"] == r["ceiling_tokens_per_second"] / 500.0
     assert r["runs"]["zhllama"]["share"] == 2 * r["runs"]["recipe"]["share"] > 0
     assert "x the recipe" in render_roofline(r)
+
+
+def test_probe_reads_every_layer_of_a_model(pt_merged, tiny_sft_data) -> None:
+    """benchmarks.probe: held-out accuracy of a linear probe at the embeddings, middle and last
+    layer, on the model's own tokenizer, with the majority share it is read against."""
+    from benchmarks.probe import probe
+
+    result = probe(pt_merged, pt_merged, tiny_sft_data["train"].parent, train_n=64, test_n=16, max_tokens=64)
+    assert set(result["layers"]) == {"0", "1", "2"}  # the tiny model's 2 layers: embeddings, middle, last
+    assert all(0.0 <= acc <= 1.0 for acc in result["layers"].values())
+    assert (result["train"], result["test"]) == (64, 16)
+    assert 0.5 <= result["majority_share"] <= 1.0
+    assert result["tokens_per_char"] > 0
