@@ -200,8 +200,24 @@ def stop_engine(settings: Settings | None = None, timeout: float = 20) -> bool:
         time.sleep(0.2)
     else:
         os.killpg(pid, signal.SIGKILL)
+    _unmount_below(engine_dir(settings) / "x")
     log.info("stopped the container engine (pid %d)", pid)
     return True
+
+
+def _unmount_below(root: Path) -> None:
+    """Unmount what the engine left mounted under its exec-root (dockerd keeps the host network
+    namespace bound at ``netns/default``), so the project folder can be removed afterwards."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return
+    prefix = str(root.resolve()) + "/"
+    points = [line.split()[1] for line in mounts if len(line.split()) > 1 and line.split()[1].startswith(prefix)]
+    for point in sorted(points, key=len, reverse=True):  # the deepest first
+        done = subprocess.run(["umount", point], capture_output=True, text=True)
+        if done.returncode != 0:
+            log.warning("could not unmount %s: %s", point, done.stderr.strip())
 
 
 def engine_env(settings: Settings | None = None) -> dict[str, str]:

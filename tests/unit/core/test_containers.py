@@ -1,6 +1,8 @@
 """Image naming and tags (no engine needed): the code tag follows exactly what the image holds,
-and retagging a compiled pipeline renames every zhllama image and nothing else."""
+and retagging a compiled pipeline renames every zhllama image and nothing else; stopping the
+project's engine leaves nothing mounted under its exec-root."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,24 @@ def test_retag_renames_every_zhllama_image_of_the_compiled_pipeline() -> None:
 def test_a_registry_that_cannot_answer_is_unchecked_not_refused() -> None:
     found, why = image_in_registry("registry.invalid/zhllama/zhllama-cpu:abc", timeout=2)
     assert found is None and "registry.invalid" in why
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a bind mount needs root")
+def test_stopping_the_engine_unmounts_what_it_left_under_its_exec_root(tmp_path: Path) -> None:
+    """dockerd leaves the host network namespace bound under its exec-root (netns/default):
+    after stop_engine nothing may stay mounted there, or the project folder cannot be removed."""
+    import subprocess
+
+    from zhllama.core.containers import _unmount_below
+
+    source, root = tmp_path / "source", tmp_path / "x"
+    point = root / "netns" / "default"
+    source.mkdir()
+    point.mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(source), str(point)], check=True)
+    try:
+        assert str(point) in Path("/proc/self/mounts").read_text()
+        _unmount_below(root)
+        assert str(point) not in Path("/proc/self/mounts").read_text()
+    finally:
+        subprocess.run(["umount", str(point)], capture_output=True)
