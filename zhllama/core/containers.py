@@ -213,7 +213,7 @@ def _unmount_below(root: Path) -> None:
     except OSError:
         return
     prefix = str(root.resolve()) + "/"
-    points = [line.split()[1] for line in mounts if len(line.split()) > 1 and line.split()[1].startswith(prefix)]
+    points = [fields[1] for fields in map(str.split, mounts) if len(fields) > 1 and fields[1].startswith(prefix)]
     for point in sorted(points, key=len, reverse=True):  # the deepest first
         done = subprocess.run(["umount", point], capture_output=True, text=True)
         if done.returncode != 0:
