@@ -74,6 +74,21 @@ def test_chunked_loss_and_gradients_equal_the_plain_path(setup):
         torch.testing.assert_close(chunked[name], plain[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
+def test_chunked_loss_scales_its_gradients_by_the_upstream_gradient_once():
+    """The output layer's gradients are scaled in place in backward: a scaled loss gives scaled
+    gradients, and a second backward through the same graph is refused, not silently doubled."""
+    model = _tiny(tied=True)
+    ids, labels, mask = _batch()
+    _, whole = _grads(model, lambda: CausalLMLoss(model, chunk_rows=5)(ids, labels, mask)[0])
+    _, quarter = _grads(model, lambda: 0.25 * CausalLMLoss(model, chunk_rows=5)(ids, labels, mask)[0])
+    for name in whole:
+        torch.testing.assert_close(quarter[name], 0.25 * whole[name], atol=1e-6, rtol=1e-5, msg=name)
+    loss = CausalLMLoss(model, chunk_rows=5)(ids, labels, mask)[0]
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
 def test_count_and_no_grad_mode():
     model = _tiny()
     ids, labels, mask = _batch()

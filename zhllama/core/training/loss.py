@@ -53,7 +53,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows, vocab = min(chunk, hidden.shape[0]), weight.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=device)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_w else None
+        # the first chunk writes the weight gradient, later ones add to it: no [vocab, hidden] zero fill
+        grad_w = torch.empty(weight.shape, dtype=torch.float32, device=device) if need_w else None
         with torch.autocast(device.type, enabled=False):
             h_all, w = hidden.to(compute), weight.to(compute)  # cast once, not per chunk and per use
             logits_buf = torch.empty((rows, vocab), dtype=torch.float32, device=device)
@@ -78,19 +79,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     if need_h:
                         grad_h[start : start + m] = g @ w
                     if need_w:
-                        if low_buf is None:
+                        if start == 0 and low_buf is None:
+                            torch.mm(g.t(), h, out=grad_w)
+                        elif start == 0:
+                            grad_w.copy_(g.t() @ h)
+                        elif low_buf is None:
                             grad_w.addmm_(g.t(), h)
                         else:
                             grad_w += g.t() @ h
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
+        ctx.scaled = False
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
+        # The gradients were computed in the forward pass; scaling them in place spares a fresh
+        # [vocab, hidden] tensor a step (its page faults cost as much as the multiply). So this
+        # backward can run once only: a second (retain_graph) would scale them twice.
+        if ctx.scaled:
+            raise RuntimeError("_LinearCrossEntropy's backward ran twice: retain_graph is not supported")
+        ctx.scaled = True
         grad_h, grad_w = ctx.saved_tensors
         return (
-            grad_h * grad_out if grad_h is not None else None,
-            grad_w * grad_out if grad_w is not None else None,
+            grad_h.mul_(grad_out) if grad_h is not None else None,
+            grad_w.mul_(grad_out) if grad_w is not None else None,
             None,
             None,
             None,
