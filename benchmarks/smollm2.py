@@ -203,7 +203,7 @@ def render_smollm2(s: dict[str, Any], table) -> str:
     if "ceiling_over_recipe" in s:
         text += (
             f": a step of nothing but matmuls at that rate would run {s['ceiling_tokens_per_second']:.0f} tokens/s = "
-            f"**{s['ceiling_over_recipe']:.2f}x the recipe**, the most any fp32 implementation of this arithmetic shows here"
+            f"**{s['ceiling_over_recipe']:.2f}x the recipe**, the most fp32 code doing this arithmetic shows at these GEMM rates"
         )
     text += ".\n"
     g = s["merge"]
