@@ -37,7 +37,7 @@ def matmul_limit(config: Mapping[str, Any], vocab: int, tokens: int, repeats: in
 
     d, ff, kv, layers = _dims(config)
     chunk = min(CHUNK_ROWS, tokens)
-    # (what, [(m, k, n), ...] products, times a step) with a weight-free LoRA layer's two products
+    # (what, [(m, k, n), ...] products, times a step, outputs reused) with a weight-free LoRA layer's two products
     layer_products = {"q/o": (d, d, 2), "k/v": (d, kv, 2), "gate/up": (d, ff, 2), "down": (ff, d, 1)}
     plans = [
         (name, [(tokens, k, n), (tokens, n, k)], count * layers, False)
