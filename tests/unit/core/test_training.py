@@ -57,8 +57,12 @@ def _grads(model, loss_fn):
     }
 
 
+@pytest.mark.parametrize("tile", [None, 64])
 @pytest.mark.parametrize("setup", ["lora_modules_to_save", "full_model", "tied_embeddings"])
-def test_chunked_loss_and_gradients_equal_the_plain_path(setup):
+def test_chunked_loss_and_gradients_equal_the_plain_path(setup, tile, monkeypatch):
+    """tile 64: the vocabulary of 300 in tiles (the last one ragged), as a real vocabulary runs."""
+    if tile:
+        monkeypatch.setattr("zhllama.core.training.loss.VOCAB_TILE", tile)
     model = _tiny(tied=setup == "tied_embeddings")
     if setup == "lora_modules_to_save":
         model = apply_lora(model, PretrainConfig(lora_dropout=0.0))
@@ -74,9 +78,12 @@ def test_chunked_loss_and_gradients_equal_the_plain_path(setup):
         torch.testing.assert_close(chunked[name], plain[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
-def test_chunked_loss_scales_its_gradients_by_the_upstream_gradient_once():
+@pytest.mark.parametrize("tile", [None, 64])
+def test_chunked_loss_scales_its_gradients_by_the_upstream_gradient_once(tile, monkeypatch):
     """The output layer's gradients are scaled in place in backward: a scaled loss gives scaled
     gradients, and a second backward through the same graph is refused, not silently doubled."""
+    if tile:
+        monkeypatch.setattr("zhllama.core.training.loss.VOCAB_TILE", tile)
     model = _tiny(tied=True)
     ids, labels, mask = _batch()
     _, whole = _grads(model, lambda: CausalLMLoss(model, chunk_rows=5)(ids, labels, mask)[0])
@@ -262,3 +269,70 @@ def test_fast_dropout_has_dropouts_distribution_and_gradient() -> None:
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p == 0.05]
     assert dropouts and all(type(m) is FastDropout for m in dropouts)
     assert use_fast_lora_dropout(model) == 0  # nothing left to swap
+
+
+def _lora_pair(tied: bool = False):
+    """The same LoRA model twice (B made non-zero so the adapters matter): peft's forward, and
+    the fused one apply_lora installs."""
+    from zhllama.core.training.lora_fused import use_fused_lora
+
+    cfg = PretrainConfig(lora_dropout=0.05)
+    fused = apply_lora(_tiny(tied), cfg)
+    plain = apply_lora(_tiny(tied), cfg)
+    for module in plain.modules():
+        module.__dict__.pop("forward", None)  # back to peft's own forward
+    torch.manual_seed(5)
+    for (name, p), (_, q) in zip(fused.named_parameters(), plain.named_parameters(), strict=True):
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+        q.data.copy_(p.data)
+    assert use_fused_lora(fused) == 0  # apply_lora already did: nothing left to change
+    return fused, plain
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_lora_gives_peft_loss_and_gradients(tied: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused LoRA layer draws the same dropout masks and gives peft's loss and every
+    trainable gradient; in eval mode and under no_grad it is peft's forward itself."""
+    from zhllama.core.training import lora_fused
+
+    calls = []
+    apply = lora_fused._LoraLinear.apply
+    monkeypatch.setattr(lora_fused._LoraLinear, "apply", lambda *a: calls.append(1) or apply(*a))
+    fused, plain = _lora_pair(tied)
+    fused.train(), plain.train()
+    ids, labels, mask = _batch()
+    results = []
+    for model in (fused, plain):
+        torch.manual_seed(11)
+        loss, count = CausalLMLoss(model)(ids, labels, mask)
+        (loss / count).backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_f, grads_f), (loss_p, grads_p) = results
+    assert len(calls) == 2 * 7  # the fused path ran: 2 layers x 7 adapted projections, once
+    assert torch.allclose(loss_f, loss_p, rtol=1e-5)
+    assert grads_f.keys() == grads_p.keys() and any("lora_A" in n for n in grads_f)
+    for name, grad in grads_f.items():
+        assert grad is not None and torch.allclose(grad, grads_p[name], rtol=1e-4, atol=1e-6), name
+    fused.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(fused(ids).logits, plain(ids).logits)
+
+
+def test_fused_lora_steps_aside_when_it_does_not_apply() -> None:
+    """Merged adapters, disabled adapters and bf16 autocast go through peft's own forward."""
+    from zhllama.core.training.lora_fused import _fusable
+
+    fused, _ = _lora_pair()
+    layer = next(m for n, m in fused.named_modules() if n.endswith("q_proj"))
+    x = torch.randn(2, 5, 32)
+    assert _fusable(layer, x, (), {}) == "default"
+    assert _fusable(layer, x.double(), (), {}) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _fusable(layer, x, (), {}) is None
+    with torch.no_grad():
+        assert _fusable(layer, x, (), {}) is None
+    with fused.disable_adapter():
+        assert _fusable(layer, x, (), {}) is None
+    layer.merge()
+    assert _fusable(layer, x, (), {}) is None

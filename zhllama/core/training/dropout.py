@@ -20,10 +20,15 @@ class FastDropout(torch.nn.Dropout):
             return super().forward(x)
         if self.p == 1.0:
             return x * 0.0
-        seed = int(torch.randint(0, 2**62, (1,)))  # advances torch's generator, one draw a call
-        uniform = np.random.Generator(np.random.PCG64(seed)).random(tuple(x.shape), dtype=np.float32)
-        keep = torch.from_numpy(uniform >= np.float32(self.p))
-        return x.mul(keep).mul_(1.0 / (1.0 - self.p))
+        return x.mul(keep_mask(x.shape, self.p)).mul_(1.0 / (1.0 - self.p))
+
+
+def keep_mask(shape: tuple[int, ...] | torch.Size, p: float) -> torch.Tensor:
+    """A boolean mask of ``shape``, each element True with probability 1 - p: FastDropout's
+    mask (the fused LoRA layer draws its masks here too, so both give the same numbers)."""
+    seed = int(torch.randint(0, 2**62, (1,)))  # advances torch's generator, one draw a call
+    uniform = np.random.Generator(np.random.PCG64(seed)).random(tuple(shape), dtype=np.float32)
+    return torch.from_numpy(uniform >= np.float32(p))
 
 
 def use_fast_lora_dropout(model: torch.nn.Module) -> int:

@@ -19,6 +19,7 @@ from zhllama.core.io import InputError, atomic_dir, sha256_file, write_json
 from zhllama.core.token_shards import TokenBlocks, check_shards, read_shard_dirs, shard_corpus
 from zhllama.core.training.dropout import use_fast_lora_dropout
 from zhllama.core.training.loop import Dist, init_distributed, train
+from zhllama.core.training.lora_fused import use_fused_lora
 from zhllama.recipes.chinese_llama_alpaca import modeling
 from zhllama.recipes.chinese_llama_alpaca.configs import PretrainConfig, TrainArgs
 
@@ -159,6 +160,7 @@ def apply_lora(model, cfg: TrainArgs):
         log.info("tied embeddings: training separate embed_tokens and lm_head copies (tied_embeddings=untie)")
     model = get_peft_model(model, lora_config(cfg, tied=tied))
     use_fast_lora_dropout(model)
+    use_fused_lora(model)  # after the swap: its masks are FastDropout's
     return model
 
 
