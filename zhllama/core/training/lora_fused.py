@@ -108,14 +108,12 @@ def _fusable(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> str | No
 
 def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     name = _fusable(self, x, args, kwargs)
-    if name is None:
+    dropout = self.lora_dropout[name] if name is not None else None
+    p = dropout.p if isinstance(dropout, FastDropout) and dropout.training else 0.0
+    if name is None or p >= 1.0:
         return type(self).forward(self, x, *args, **kwargs)
     base = self.get_base_layer()
-    dropout = self.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, FastDropout) and dropout.training else 0.0
-    keep = keep_mask(x.shape, p) if 0.0 < p < 1.0 else None
-    if p >= 1.0:
-        return type(self).forward(self, x, *args, **kwargs)
+    keep = keep_mask(x.shape, p) if p > 0.0 else None
     return _LoraLinear.apply(
         x,
         base.weight,

@@ -54,50 +54,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         device = hidden.device
         autocast_on = device.type == "cpu" and torch.is_autocast_enabled("cpu")
         compute = torch.get_autocast_dtype("cpu") if autocast_on else weight.dtype
-        rows, vocab = min(chunk, hidden.shape[0]), weight.shape[0]
-        total = torch.zeros((), dtype=torch.float32, device=device)
         grad_h = torch.empty_like(hidden) if need_h else None
-        # the first chunk writes the weight gradient, later ones add to it: no [vocab, hidden] zero fill
+        # the first chunk writes the weight gradient, later ones add to it: no [vocab, hidden] zero
+        # fill (unless there is no chunk at all)
         grad_w = torch.empty(weight.shape, dtype=torch.float32, device=device) if need_w else None
+        if grad_w is not None and not hidden.shape[0]:
+            grad_w.zero_()
         with torch.autocast(device.type, enabled=False):
             h_all, w = hidden.to(compute), weight.to(compute)  # cast once, not per chunk and per use
-            if compute == torch.float32 and hidden.shape[0] and vocab > VOCAB_TILE:
-                total = _tiled_chunks(h_all, w, target, chunk, grad_h, grad_w)
-                ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
-                ctx.scaled = False
-                return total
-            if grad_w is not None and not hidden.shape[0]:
-                grad_w.zero_()
-            logits_buf = torch.empty((rows, vocab), dtype=torch.float32, device=device)
-            low_buf = torch.empty((rows, vocab), dtype=compute, device=device) if compute != torch.float32 else None
-            for start in range(0, hidden.shape[0], chunk):
-                h, y = h_all[start : start + chunk], target[start : start + chunk]
-                m = h.shape[0]
-                logits = logits_buf[:m]
-                if low_buf is None:
-                    torch.mm(h, w.t(), out=logits)
-                else:
-                    logits.copy_(torch.mm(h, w.t(), out=low_buf[:m]))
-                picked = logits.gather(1, y[:, None]).squeeze(1)
-                top = logits.amax(dim=1, keepdim=True)
-                probs = logits.sub_(top).exp_()  # exp(logit - max), in place
-                sums = probs.sum(dim=1, keepdim=True)
-                total += (top.squeeze(1) + sums.squeeze(1).log() - picked).sum()
-                if need_h or need_w:
-                    probs.div_(sums)  # softmax
-                    probs[torch.arange(m, device=device), y] -= 1.0  # d loss / d logits
-                    g = probs if low_buf is None else low_buf[:m].copy_(probs)
-                    if need_h:
-                        grad_h[start : start + m] = g @ w
-                    if need_w:
-                        if start == 0 and low_buf is None:
-                            torch.mm(g.t(), h, out=grad_w)
-                        elif start == 0:
-                            grad_w.copy_(g.t() @ h)
-                        elif low_buf is None:
-                            grad_w.addmm_(g.t(), h)
-                        else:
-                            grad_w += g.t() @ h
+            chunks = _tiled_chunks if compute == torch.float32 and weight.shape[0] > VOCAB_TILE else _untiled_chunks
+            total = chunks(h_all, w, target, chunk, grad_h, grad_w)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
         ctx.scaled = False
         return total
@@ -119,6 +85,54 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _untiled_chunks(
+    h_all: torch.Tensor,
+    w: torch.Tensor,
+    target: torch.Tensor,
+    chunk: int,
+    grad_h: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
+) -> torch.Tensor:
+    """The loss sum (and, into ``grad_h`` / ``grad_w``, both gradients) in row chunks, each
+    chunk's logits whole in one reused fp32 buffer; ``h_all`` and ``w`` in the compute dtype
+    (bf16 under autocast: the products in bf16, the softmax and sums in fp32)."""
+    device, compute = h_all.device, h_all.dtype
+    rows, vocab = min(chunk, h_all.shape[0]), w.shape[0]
+    need_h, need_w = grad_h is not None, grad_w is not None
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    logits_buf = torch.empty((rows, vocab), dtype=torch.float32, device=device)
+    low_buf = torch.empty((rows, vocab), dtype=compute, device=device) if compute != torch.float32 else None
+    for start in range(0, h_all.shape[0], chunk):
+        h, y = h_all[start : start + chunk], target[start : start + chunk]
+        m = h.shape[0]
+        logits = logits_buf[:m]
+        if low_buf is None:
+            torch.mm(h, w.t(), out=logits)
+        else:
+            logits.copy_(torch.mm(h, w.t(), out=low_buf[:m]))
+        picked = logits.gather(1, y[:, None]).squeeze(1)
+        top = logits.amax(dim=1, keepdim=True)
+        probs = logits.sub_(top).exp_()  # exp(logit - max), in place
+        sums = probs.sum(dim=1, keepdim=True)
+        total += (top.squeeze(1) + sums.squeeze(1).log() - picked).sum()
+        if need_h or need_w:
+            probs.div_(sums)  # softmax
+            probs[torch.arange(m, device=device), y] -= 1.0  # d loss / d logits
+            g = probs if low_buf is None else low_buf[:m].copy_(probs)
+            if need_h:
+                grad_h[start : start + m] = g @ w
+            if need_w:
+                if start == 0 and low_buf is None:
+                    torch.mm(g.t(), h, out=grad_w)
+                elif start == 0:
+                    grad_w.copy_(g.t() @ h)
+                elif low_buf is None:
+                    grad_w.addmm_(g.t(), h)
+                else:
+                    grad_w += g.t() @ h
+    return total
 
 
 def _tiled_chunks(
