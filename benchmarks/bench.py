@@ -144,12 +144,16 @@ VARIANTS = {
 def bench_training(ws: Workspace, repeats: int, steps: dict[str, int], bf16_repeats: int = 1) -> dict[str, Any]:
     """The fp32 pair (zhllama, recipe) ``repeats`` times; for PT also the bf16 pair
     ``bf16_repeats`` times (one run each by default: it keeps ``make bench`` under 20 minutes)."""
+    import torch
+
+    from zhllama.core.training.loop import native_bf16
+
     out: dict[str, Any] = {}
     for stage in ("pt", "sft"):
         pairs = [(["zhllama", "recipe"], repeats)]
-        # SFT: bf16 measured no faster at these lengths; held to AVX2 there are no bf16 matmuls
-        # (emulated, many times slower): the pair would measure the emulation
-        if stage == "pt" and bf16_repeats and not os.environ.get("ATEN_CPU_CAPABILITY"):
+        # SFT: bf16 measured no faster at these lengths. Without bf16 matmuls (no AVX512-BF16/AMX,
+        # or held to AVX2) bf16 is emulated, many times slower: the pair would measure the emulation
+        if stage == "pt" and bf16_repeats and native_bf16(torch.device("cpu")):
             pairs.append((["zhllama bf16", "recipe bf16"], bf16_repeats))
         runs: dict[str, list[dict[str, Any]]] = {name: [] for names, _ in pairs for name in names}
         for names, count in pairs:

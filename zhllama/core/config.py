@@ -146,7 +146,8 @@ class TrainArgs:
     save_total_limit: int = doc("Checkpoints kept (oldest deleted).", default=2)
     precision: str = doc(
         "fp32; bf16 autocast (GPU, preferred there: no fp16 overflow NaN; also CPUs with AVX512-BF16/AMX, faster "
-        "matmuls, see benchmarks/RESULTS.md); or fp16 (GPU only, loss scaling).",
+        "matmuls, see benchmarks/RESULTS.md); auto (bf16 where the device has bf16 matmuls, else fp32: on a CPU "
+        "without them bf16 is emulated and slower); or fp16 (GPU only, loss scaling).",
         default="fp32",
     )
     gradient_checkpointing: bool = doc(
@@ -178,8 +179,10 @@ class TrainArgs:
             raise ValueError(f"{type(self).__name__}: set max_steps > 0 or num_train_epochs > 0")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"{type(self).__name__}.warmup_ratio must be in [0, 1)")
-        if self.precision not in {"fp32", "bf16", "fp16"}:
-            raise ValueError(f"{type(self).__name__}.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision not in {"fp32", "bf16", "fp16", "auto"}:
+            raise ValueError(
+                f"{type(self).__name__}.precision must be fp32, bf16, fp16 or auto, got {self.precision!r}"
+            )
 
     def learning_rate_for(self, parameter_name: str) -> float:
         """The peak learning rate of one parameter (by its name in the model); a recipe's

@@ -40,8 +40,8 @@ def test_vocab_config_rejects_bad_values(field: str, value: object, message: str
 @pytest.mark.parametrize(
     ("cls", "field", "value", "message"),
     [
-        (PretrainConfig, "precision", "fp8", "precision must be fp32, bf16 or fp16"),
-        (SftConfig, "precision", "half", "precision must be fp32, bf16 or fp16"),
+        (PretrainConfig, "precision", "fp8", "precision must be fp32, bf16, fp16 or auto"),
+        (SftConfig, "precision", "half", "precision must be fp32, bf16, fp16 or auto"),
         (PretrainConfig, "tied_embeddings", "share", "tied_embeddings must be 'keep' or 'untie'"),
         (SftConfig, "lora_dropout", 1.0, "lora_dropout must be in"),
     ],

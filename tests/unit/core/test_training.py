@@ -336,3 +336,50 @@ def test_fused_lora_steps_aside_when_it_does_not_apply() -> None:
         assert _fusable(layer, x, (), {}) is None
     layer.merge()
     assert _fusable(layer, x, (), {}) is None
+
+
+def _host(monkeypatch, capability: str, avx512_bf16: bool, amx: bool) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("capability", "avx512_bf16", "amx", "expected"),
+    [
+        ("AVX512", True, False, "bf16"),  # AVX512-BF16 (Zen 4, Cooper Lake)
+        ("AVX512", False, True, "bf16"),  # AMX (Sapphire Rapids)
+        ("AVX512", False, False, "fp32"),  # AVX512 without bf16 matmuls (Skylake): emulated
+        ("AVX2", True, True, "fp32"),  # held to AVX2 (ATEN_CPU_CAPABILITY): emulated
+        ("DEFAULT", False, False, "fp32"),
+    ],
+)
+def test_auto_precision_picks_bf16_only_where_the_cpu_has_bf16_matmuls(
+    monkeypatch, capability, avx512_bf16, amx, expected
+):
+    from zhllama.core.training.loop import resolve_precision
+
+    _host(monkeypatch, capability, avx512_bf16, amx)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == expected
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+
+
+def test_auto_precision_trains_as_the_precision_it_resolves_to(monkeypatch, tmp_path) -> None:
+    """One training step with precision auto gives the losses of the explicit precision it stands for."""
+    from zhllama.core.config import TrainArgs
+    from zhllama.core.training.loop import train
+
+    def losses(precision: str, name: str) -> list[float]:
+        cfg = TrainArgs(
+            per_device_train_batch_size=4, max_steps=2, eval_steps=0, save_steps=0, logging_steps=1, precision=precision
+        )
+        result = train(_tiny(), _Rows(), None, cfg, tmp_path / name)
+        return [entry["loss"] for entry in result.log_history if "loss" in entry]
+
+    fp32, bf16 = losses("fp32", "fp32"), losses("bf16", "bf16")
+    assert fp32 != bf16
+    _host(monkeypatch, "AVX2", True, True)
+    assert losses("auto", "auto-avx2") == fp32
+    _host(monkeypatch, "AVX512", True, False)
+    assert losses("auto", "auto-bf16") == bf16

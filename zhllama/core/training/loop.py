@@ -193,6 +193,26 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matmuls in hardware: a GPU that supports bf16, or a CPU with
+    AVX512-BF16 or AMX whose kernels are not held below AVX512 (``ATEN_CPU_CAPABILITY``). Where
+    this is False, bf16 on CPU is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu" or torch.backends.cpu.get_cpu_capability() not in {"AVX512", "AMX"}:
+        return False
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where the device has bf16 matmuls (``native_bf16``), else fp32; other
+    values as given."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 def _autocast(precision: str, device: torch.device):
     """bf16 autocast on GPU and on CPU (weights, optimizer state and the loss stay fp32); fp16 on
     GPU only (with loss scaling). Speed-ups are in benchmarks/RESULTS.md."""
@@ -328,6 +348,9 @@ def train(
     world = world or Dist()
     objective = objective or CausalLMObjective()
     run_dir = Path(run_dir)
+    if cfg.precision == "auto":
+        cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, world.device))
+        log.info("precision auto -> %s on %s", cfg.precision, world.device)
     module, optimizer = _prepare(model, cfg, world, objective)
 
     per_device = cfg.per_device_train_batch_size
