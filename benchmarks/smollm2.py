@@ -67,9 +67,11 @@ def merge_peak(base: Path, adapter_run: Path, out: Path) -> dict[str, Any]:
 
 
 def profile_step(base: Path, tokenizer: Path) -> list[dict[str, Any]]:
-    """Where one forward+backward of the PT model goes (torch.profiler, top ops by self time)."""
+    """Where one fp32 forward+backward of zhllama's PT step goes (its LoRA layers and its loss,
+    as the training loop runs them; torch.profiler, top ops by self time)."""
     from torch.profiler import ProfilerActivity, profile
 
+    from zhllama.core.training.loss import token_loss_sum
     from zhllama.recipes.chinese_llama_alpaca.configs import PretrainConfig
     from zhllama.recipes.chinese_llama_alpaca.pretrain import apply_lora, prepare_model
 
@@ -77,9 +79,10 @@ def profile_step(base: Path, tokenizer: Path) -> list[dict[str, Any]]:
     model, tok, _ = prepare_model(base, tokenizer, cfg)
     model = apply_lora(model, cfg)
     ids = torch.randint(0, len(tok), (BATCH, BLOCK))
-    model(input_ids=ids, labels=ids).loss.backward()
+    batch = {"input_ids": ids, "labels": ids}
+    token_loss_sum(model, batch)[0].backward()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        model(input_ids=ids, labels=ids).loss.backward()
+        token_loss_sum(model, batch)[0].backward()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) or 1
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
@@ -223,7 +226,8 @@ def render_smollm2(s: dict[str, Any], table) -> str:
     g = s["merge"]
     text += (
         f"\nMerge (default mode) of the PT adapter: {g['seconds']:.0f} s, peak RSS {g['peak_rss_mb']:.0f} MB = "
-        f"**{g['peak_over_model']:.2f}x** the merged model's {g['model_mb']:.0f} MB.\n\nOne forward+backward, "
+        f"**{g['peak_over_model']:.2f}x** the merged model's {g['model_mb']:.0f} MB.\n\n"
+        "One fp32 forward+backward of zhllama's step (its LoRA layers and loss), "
         "top ops by self CPU time: " + ", ".join(f"{p['op']} {100 * p['share']:.0f}%" for p in s["profile"]) + ".\n"
     )
     return text

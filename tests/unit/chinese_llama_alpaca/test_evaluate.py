@@ -82,6 +82,22 @@ def test_task_metrics_rank_the_options(tiny_final: Path, tiny_sft_data, tmp_path
         assert same_gold["accuracy_loglik"] == pytest.approx(result["predicted_share"][label])
 
 
+def test_greedy_exact_match_on_a_prefix_leaves_the_ranking_whole(tiny_final: Path, tiny_sft_data) -> None:
+    """task_greedy_max_examples bounds only the greedy decoding: every example is still ranked,
+    and the greedy answers of the prefix are those of the whole run."""
+    model, tok = load_model(tiny_final), load_tokenizer(tiny_final)
+    whole = task_metrics(model, tok, tiny_sft_data["test"], tiny_eval(task_greedy_max_examples=0))
+    part = task_metrics(model, tok, tiny_sft_data["test"], tiny_eval(task_greedy_max_examples=3))
+    assert (whole["examples"], whole["greedy_examples_scored"]) == (8, 8)
+    assert (part["examples"], part["greedy_examples_scored"]) == (8, 3)
+    assert part["accuracy_loglik"] == whole["accuracy_loglik"] and part["test_loss"] == whole["test_loss"]
+    assert part["greedy_examples"] == whole["greedy_examples"][:3]
+    first = [g["greedy"] == g["gold"].strip() for g in whole["greedy_examples"][:3]]
+    assert part["exact_match"] == pytest.approx(sum(first) / 3)
+    with pytest.raises(ValueError, match="task_greedy_max_examples must be >= 0"):
+        tiny_eval(task_greedy_max_examples=-1)
+
+
 def test_evaluation_writes_metrics_and_report(eval_run: Path) -> None:
     metrics = read_json(eval_run / "metrics.json")
     summary = metrics["summary"]

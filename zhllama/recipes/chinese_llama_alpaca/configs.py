@@ -236,6 +236,11 @@ class EvalConfig:
         default_factory=list,
     )
     task_max_new_tokens: int = doc("Greedy tokens generated for exact match.", default=8)
+    task_greedy_max_examples: int = doc(
+        "Of the scored examples, the first this many are also answered greedily for exact match "
+        "(0 = all): ranking is a forward pass per option, greedy decoding one per new token.",
+        default=0,
+    )
     sample_prompts: list[str] = doc(
         "Prompts for the generation samples (instruction, then an optional input after a newline).",
         default_factory=lambda: list(SAMPLE_PROMPTS),
@@ -256,6 +261,13 @@ class EvalConfig:
         positive(self, "lm_chunk_chars", "batch_size", "task_max_new_tokens", "max_new_tokens")
         if self.mcq_split not in {"val", "test", "auto"}:
             raise ValueError(f"EvalConfig.mcq_split must be val, test or auto, got {self.mcq_split!r}")
-        for name in ("lm_max_lines", "task_max_examples", "num_threads", "mcq_shots", "mcq_max_per_subject"):
+        for name in (
+            "lm_max_lines",
+            "task_max_examples",
+            "task_greedy_max_examples",
+            "num_threads",
+            "mcq_shots",
+            "mcq_max_per_subject",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"EvalConfig.{name} must be >= 0, got {getattr(self, name)}")

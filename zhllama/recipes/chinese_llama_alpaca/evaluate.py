@@ -123,23 +123,25 @@ def task_metrics(
     options = answer_options(records, cfg.task_options, path)
     ranked = rank_options(model, tokenizer, records, options, cfg.batch_size, max_seq_length)
     predicted = ranked["predicted"]
-    prompts = [build_prompt(r["instruction"], r["input"]) for r in records]
+    greedy = records[: cfg.task_greedy_max_examples] if cfg.task_greedy_max_examples else records
+    prompts = [build_prompt(r["instruction"], r["input"]) for r in greedy]
     answers = greedy_answers(model, tokenizer, prompts, cfg.task_max_new_tokens, cfg.batch_size)
-    exact = sum(a == r["output"].strip() for a, r in zip(answers, records, strict=True))
+    exact = sum(a == r["output"].strip() for a, r in zip(answers, greedy, strict=True))
     gold_share = {o: sum(r["output"].strip() == o for r in records) / len(records) for o in options}
     return {
         "task_file": str(path),
         "examples": len(records),
         "options": options,
         "accuracy_loglik": ranked["accuracy"],
-        "exact_match": exact / len(records),
+        "exact_match": exact / len(greedy),
+        "greedy_examples_scored": len(greedy),
         "test_loss": ranked["gold_loss"],
         "predicted_share": {o: predicted.count(o) / len(records) for o in options},
         "gold_share": gold_share,
         "majority_share": max(gold_share.values()),  # what always answering the commonest option scores
         "greedy_examples": [
             {"instruction": r["instruction"], "input": r["input"][:80], "gold": r["output"], "greedy": a}
-            for r, a in list(zip(records, answers, strict=False))[:8]
+            for r, a in list(zip(greedy, answers, strict=True))[:8]
         ],
     }
 
@@ -283,10 +285,11 @@ def _run_evaluate(
             if inputs.task_file:
                 result["task"] = task_metrics(model, tokenizer, inputs.task_file, cfg)
                 log.info(
-                    "task: accuracy %.3f (log-likelihood), %.3f (greedy exact match) on %d examples",
+                    "task: accuracy %.3f (log-likelihood) on %d examples, %.3f (greedy exact match) on the first %d",
                     result["task"]["accuracy_loglik"],
-                    result["task"]["exact_match"],
                     result["task"]["examples"],
+                    result["task"]["exact_match"],
+                    result["task"]["greedy_examples_scored"],
                 )
             settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
             for prompt in cfg.sample_prompts:

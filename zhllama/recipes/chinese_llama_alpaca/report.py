@@ -284,7 +284,10 @@ def write_report(out_dir: Path, result: dict[str, Any], logs: dict[str, list[dic
                     ["examples", task["examples"]],
                     ["options", " / ".join(task["options"])],
                     ["accuracy (log-likelihood)", task["accuracy_loglik"]],
-                    ["exact match (greedy)", task["exact_match"]],
+                    [
+                        f"exact match (greedy, first {task.get('greedy_examples_scored', task['examples'])})",
+                        task["exact_match"],
+                    ],
                     ["test loss (gold answers)", task["test_loss"]],
                     ["predicted share", task["predicted_share"]],
                     ["gold share", task["gold_share"]],
@@ -359,7 +362,8 @@ def readme_block(metrics: dict[str, Any], run: dict[str, Any]) -> str:
         lines += [
             "",
             f"Task ({task['examples']} held-out test reviews): accuracy {task['accuracy_loglik']:.3f} by log-likelihood, "
-            f"{task['exact_match']:.3f} greedy exact match, majority share {task['majority_share']:.3f}; "
+            f"{task['exact_match']:.3f} greedy exact match (first {task.get('greedy_examples_scored', task['examples'])}), "
+            f"majority share {task['majority_share']:.3f}; "
             f"predicted {', '.join(f'{k} {v:.2f}' for k, v in task['predicted_share'].items())}.",
         ]
     tok = metrics.get("tokenizer")
